@@ -1,0 +1,1 @@
+"""Losses of the VMAML-UNet bundle."""

@@ -1,0 +1,1 @@
+"""VMAML-UNet network components."""

@@ -1,0 +1,472 @@
+"""Selective scan (the S6 recurrence of Mamba) with a mamba-ssm CUDA backend and a pure-PyTorch backend.
+
+The recurrence, per batch element ``b``, channel ``d`` and state ``n``::
+
+    dt_t = softplus(delta_t + delta_bias)            (or without softplus / without bias)
+    h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,    h_0 = 0
+    y_t  = sum_n C_t[n] * h_t[n] + D * u_t
+
+The pure-PyTorch backend runs the recurrence as a time-major loop with one fused multiply-add per step; the decays
+and inputs of a chunk of 64 steps are computed in one vectorised pass beforehand and the chunk's outputs in one
+batched matmul afterwards. Autograd through such a loop is quadratic in L (indexing one step out of a saved tensor
+makes a full-size zero gradient every step), and log-space formulations (cumulative sums of log decays) overflow at
+realistic ``dt * A``, so the backward pass is hand-written: the states are recomputed chunk by chunk from checkpoints
+saved every 64 steps and the adjoint recurrence is run backwards in the same fused way. Memory stays O(L) in the
+inputs instead of O(L * N) in the states, and time stays linear in L.
+"""
+
+import functools
+import logging
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["selective_scan"]
+
+logger = logging.getLogger(__name__)
+
+
+def _chunk_size() -> int:
+    # Steps per chunk, and so also the spacing of the state checkpoints kept for the backward pass: enough steps to
+    # amortise the chunk's vectorised ops, while its buffers (chunk, batch, dim, N) stay a few MB. 16 to 128 measured
+    # about the same. A function rather than a module constant because TorchScript cannot read module-level ints.
+    return 64
+
+
+def _validate(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    backend: str,
+) -> None:
+    if backend not in ("auto", "torch", "mamba_ssm"):
+        raise ValueError(f"backend must be one of 'auto', 'torch', 'mamba_ssm', got '{backend}'.")
+    if u.dim() != 3:
+        raise ValueError(f"u must have shape (batch, dim, L), got {list(u.shape)}.")
+    batch, dim, length = u.shape[0], u.shape[1], u.shape[2]
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have the shape of u {list(u.shape)}, got {list(delta.shape)}.")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must have shape (dim={dim}, N), got {list(A.shape)}.")
+    d_state = A.shape[1]
+    if B.dim() != 4 or B.shape[0] != batch or B.shape[2] != d_state or B.shape[3] != length:
+        raise ValueError(f"B must have shape (batch={batch}, groups, N={d_state}, L={length}), got {list(B.shape)}.")
+    groups = B.shape[1]
+    if groups == 0 or dim % groups != 0:
+        raise ValueError(f"the number of groups of B and C ({groups}) must divide dim={dim}.")
+    if C.shape != B.shape:
+        raise ValueError(f"C must have the shape of B {list(B.shape)}, got {list(C.shape)}.")
+    if D is not None and (D.dim() != 1 or D.shape[0] != dim):
+        raise ValueError(f"D must have shape (dim={dim},), got {list(D.shape)}.")
+    if delta_bias is not None and (delta_bias.dim() != 1 or delta_bias.shape[0] != dim):
+        raise ValueError(f"delta_bias must have shape (dim={dim},), got {list(delta_bias.shape)}.")
+    if not (
+        u.is_floating_point()
+        and delta.is_floating_point()
+        and A.is_floating_point()
+        and B.is_floating_point()
+        and C.is_floating_point()
+        and (D is None or D.is_floating_point())
+        and (delta_bias is None or delta_bias.is_floating_point())
+    ):
+        raise ValueError("all inputs of selective_scan must be real floating-point tensors (complex A is unsupported).")
+
+
+def _compute_dtype(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor]
+) -> torch.dtype:
+    # float32 accumulation like mamba-ssm for 16-bit and 32-bit inputs; float64 as soon as any input is float64 so
+    # that gradcheck and float64 references see float64 arithmetic throughout.
+    tensors: List[Tensor] = [u, delta, A, B, C]
+    if D is not None:
+        tensors.append(D)
+    if delta_bias is not None:
+        tensors.append(delta_bias)
+    for t in tensors:
+        if t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def _gather_chunk(src: Tensor, start: int, steps: int, staging: Tensor, buf: Tensor) -> Tensor:
+    """Copy ``src[..., start:start + steps]`` into ``buf[:steps]`` with time as the leading dimension.
+
+    The copy goes through a contiguous staging slice: two cache-friendly copies are several times faster than one
+    strided transposing copy from the long time axis.
+    """
+    shape = list(src.shape[:-1]) + [steps]
+    stage = staging[: src.numel() // src.shape[-1] * steps].view(shape)
+    stage.copy_(src.narrow(-1, start, steps))
+    chunk = buf[:steps]
+    chunk.copy_(stage.movedim(-1, 0))
+    return chunk
+
+
+def _step_sizes(delta_c: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
+    """Return ``(x, dt)`` for a gathered chunk of delta: ``x = delta + delta_bias``, in place, and ``softplus(x)``."""
+    if delta_bias is not None:
+        delta_c.add_(delta_bias)
+    return delta_c, F.softplus(delta_c) if delta_softplus else delta_c
+
+
+def _scan_forward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    save_checkpoints: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Chunked forward scan. Inputs as in :func:`selective_scan`, arithmetic in ``dtype``.
+
+    Returns the output ``(batch, dim, L)`` in ``out_dtype`` and the states entering each chunk,
+    ``(num_chunks, batch, groups, N, dim // groups)``, or an empty tensor when ``save_checkpoints`` is False.
+    Updates buffers in place, so it is not differentiable by autograd.
+    """
+    batch, dim, length = u.shape[0], u.shape[1], u.shape[2]
+    groups, d_state = B.shape[1], B.shape[2]
+    per_group = dim // groups
+    chunk_size = _chunk_size()
+    chunk = min(length, chunk_size)
+    num_chunks = (length + chunk_size - 1) // chunk_size
+    rows = batch * groups
+
+    # States are kept as (batch, groups, N, dim // groups): the contraction with C over N is then a row-vector times
+    # matrix product, which batched matmul does at memory speed (the (.., dim, N) layout is several times slower).
+    A_r = A.to(dtype).view(groups, per_group, d_state).transpose(1, 2).contiguous()
+    bias = delta_bias.to(dtype) if delta_bias is not None else None
+    D_c = D.to(dtype) if D is not None else None
+
+    out = torch.empty((batch, dim, length), dtype=out_dtype, device=u.device)
+    checkpoints = u.new_empty((num_chunks if save_checkpoints else 0, batch, groups, d_state, per_group), dtype=dtype)
+    h = u.new_zeros((batch, groups, d_state, per_group), dtype=dtype)
+    # One staging area serves every gathered chunk: (batch, dim) slices of u, delta, dy and (batch, groups, N) of B, C.
+    staging = u.new_empty((batch * chunk * max(dim, groups * d_state),), dtype=dtype)
+    u_buf = u.new_empty((chunk, batch, dim), dtype=dtype)
+    dt_buf = torch.empty_like(u_buf)
+    y_buf = torch.empty_like(u_buf)
+    B_buf = u.new_empty((chunk, batch, groups, d_state), dtype=dtype)
+    C_buf = torch.empty_like(B_buf)
+    decay_buf = u.new_empty((chunk, batch, groups, d_state, per_group), dtype=dtype)
+    state_buf = torch.empty_like(decay_buf)
+
+    for k in range(num_chunks):
+        start = k * chunk_size
+        steps = min(chunk_size, length - start)
+        n = steps * rows
+        if save_checkpoints:
+            checkpoints[k].copy_(h)
+        u_c = _gather_chunk(u, start, steps, staging, u_buf)
+        _, dt_c = _step_sizes(_gather_chunk(delta, start, steps, staging, dt_buf), bias, delta_softplus)
+        B_c = _gather_chunk(B, start, steps, staging, B_buf)
+        C_c = _gather_chunk(C, start, steps, staging, C_buf)
+
+        dt_g = dt_c.view(steps, batch, groups, 1, per_group)
+        decay = torch.mul(dt_g, A_r, out=decay_buf[:steps]).exp_()
+        # The input term dt * u * B goes straight into the state buffer, which the loop then turns into states.
+        states = torch.mul(
+            (dt_c * u_c).view(steps, batch, groups, 1, per_group),
+            B_c.view(steps, batch, groups, d_state, 1),
+            out=state_buf[:steps],
+        )
+        decay_steps = decay.unbind(0)
+        state_steps = states.unbind(0)
+        state_steps[0].addcmul_(decay_steps[0], h)
+        for i in range(1, steps):
+            state_steps[i].addcmul_(decay_steps[i], state_steps[i - 1])
+        h.copy_(state_steps[steps - 1])
+
+        y_c = y_buf[:steps]
+        torch.bmm(C_c.view(n, 1, d_state), states.view(n, d_state, per_group), out=y_c.view(n, 1, per_group))
+        if D_c is not None:
+            y_c.addcmul_(u_c, D_c)
+        out.narrow(-1, start, steps).copy_(y_c.movedim(0, -1))
+    return out, checkpoints
+
+
+def _scan_backward(
+    grad_y: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    checkpoints: Tensor,
+    needs_grad: List[bool],
+) -> List[Optional[Tensor]]:
+    """Gradients of :func:`_scan_forward` for ``u, delta, A, B, C, D, delta_bias`` (None where not needed).
+
+    With the adjoint state ``g_t = dLoss/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}``, the decay gradient is
+    ``P_t = g_t * h_{t-1} * exp(dt_t A)``, giving ``dA = sum P_t dt_t`` and ``d dt_t = sum_n P_t A + u_t <g_t, B_t>``;
+    the input term gives ``du_t = dt_t <g_t, B_t>`` and ``dB_t = sum_d g_t dt_t u_t``, and ``dC_t = sum_d dy_t h_t``.
+    Per chunk, the states are recomputed from the checkpoint and the adjoint recurrence is run backwards; everything
+    else is vectorised over the chunk. Gradients are written in the layout and dtype of the inputs.
+    """
+    need_u, need_delta, need_A, need_B, need_C, need_D, need_bias = needs_grad
+    need_dt = need_delta or need_bias
+    dtype = checkpoints.dtype
+    batch, dim, length = u.shape[0], u.shape[1], u.shape[2]
+    groups, d_state = B.shape[1], B.shape[2]
+    per_group = dim // groups
+    chunk_size = _chunk_size()
+    chunk = min(length, chunk_size)
+    rows = batch * groups
+
+    A_r = A.to(dtype).view(groups, per_group, d_state).transpose(1, 2).contiguous()
+    bias = delta_bias.to(dtype) if delta_bias is not None else None
+    D_c = D.to(dtype) if D is not None else None
+
+    grad_u = torch.empty(u.shape, dtype=u.dtype, device=u.device) if need_u else None
+    grad_delta = torch.empty(delta.shape, dtype=delta.dtype, device=u.device) if need_delta else None
+    grad_B = torch.empty(B.shape, dtype=B.dtype, device=u.device) if need_B else None
+    grad_C = torch.empty(C.shape, dtype=C.dtype, device=u.device) if need_C else None
+    grad_A_r = torch.zeros_like(A_r) if need_A else None
+    grad_D = u.new_zeros((dim,), dtype=dtype) if need_D else None
+    grad_bias = u.new_zeros((dim,), dtype=dtype) if need_bias else None
+
+    # One staging area serves every gathered chunk: (batch, dim) slices of u, delta, dy and (batch, groups, N) of B, C.
+    staging = u.new_empty((batch * chunk * max(dim, groups * d_state),), dtype=dtype)
+    u_buf = u.new_empty((chunk, batch, dim), dtype=dtype)
+    dt_buf = torch.empty_like(u_buf)
+    gy_buf = torch.empty_like(u_buf)
+    B_buf = u.new_empty((chunk, batch, groups, d_state), dtype=dtype)
+    C_buf = torch.empty_like(B_buf)
+    # One extra leading slot holds the checkpoint, so states_buf[:steps] and states_buf[1:] are h_{t-1} and h_t.
+    states_buf = u.new_empty((chunk + 1, batch, groups, d_state, per_group), dtype=dtype)
+    decay_buf = u.new_empty((chunk, batch, groups, d_state, per_group), dtype=dtype)
+    adjoint_buf = torch.empty_like(decay_buf)
+    scratch_buf = torch.empty_like(decay_buf)
+    # dLoss/dh of the last state of the previous chunk: exp(dt_t A) g_t at this chunk's first step.
+    carry = u.new_zeros((batch, groups, d_state, per_group), dtype=dtype)
+
+    for k in range(checkpoints.shape[0] - 1, -1, -1):
+        start = k * chunk_size
+        steps = min(chunk_size, length - start)
+        n = steps * rows
+        u_c = _gather_chunk(u, start, steps, staging, u_buf)
+        x_c, dt_c = _step_sizes(_gather_chunk(delta, start, steps, staging, dt_buf), bias, delta_softplus)
+        B_c = _gather_chunk(B, start, steps, staging, B_buf)
+        C_c = _gather_chunk(C, start, steps, staging, C_buf)
+        gy_c = _gather_chunk(grad_y, start, steps, staging, gy_buf)
+        dt_g = dt_c.view(steps, batch, groups, 1, per_group)
+        dtu_g = (dt_c * u_c).view(steps, batch, groups, 1, per_group)
+        gy_g = gy_c.view(steps, batch, groups, 1, per_group)
+
+        # Recompute the chunk's states from its checkpoint.
+        states_all = states_buf[: steps + 1]
+        states_all[0].copy_(checkpoints[k])
+        states = states_all[1:]
+        decay = torch.mul(dt_g, A_r, out=decay_buf[:steps]).exp_()
+        torch.mul(dtu_g, B_c.view(steps, batch, groups, d_state, 1), out=states)
+        decay_steps = decay.unbind(0)
+        state_steps = states_all.unbind(0)
+        for i in range(steps):
+            state_steps[i + 1].addcmul_(decay_steps[i], state_steps[i])
+
+        # Adjoint recurrence, backwards through the chunk.
+        adjoint = torch.mul(gy_g, C_c.view(steps, batch, groups, d_state, 1), out=adjoint_buf[:steps])
+        adjoint_steps = adjoint.unbind(0)
+        adjoint_steps[steps - 1].add_(carry)
+        for i in range(steps - 2, -1, -1):
+            adjoint_steps[i].addcmul_(decay_steps[i + 1], adjoint_steps[i + 1])
+        torch.mul(decay_steps[0], adjoint_steps[0], out=carry)
+
+        scratch = scratch_buf[:steps]
+        if grad_C is not None:
+            grad_C_c = torch.mul(states, gy_g, out=scratch).sum(-1)
+            grad_C.narrow(-1, start, steps).copy_(grad_C_c.movedim(0, -1))
+        if grad_B is not None:
+            grad_B_c = torch.mul(adjoint, dtu_g, out=scratch).sum(-1)
+            grad_B.narrow(-1, start, steps).copy_(grad_B_c.movedim(0, -1))
+        if grad_D is not None:
+            grad_D.add_((gy_c * u_c).view(steps * batch, dim).sum(0))
+        grad_dt_c: Optional[Tensor] = None
+        if grad_u is not None or need_dt:
+            # <g_t, B_t> over N: the gradient of the input term with respect to its factor dt_t * u_t.
+            g_dot_b = torch.bmm(B_c.view(n, 1, d_state), adjoint.view(n, d_state, per_group)).view(steps, batch, dim)
+            if grad_u is not None:
+                grad_u_c = g_dot_b * dt_c
+                if D_c is not None:
+                    grad_u_c.addcmul_(gy_c, D_c)
+                grad_u.narrow(-1, start, steps).copy_(grad_u_c.movedim(0, -1))
+            if need_dt:
+                grad_dt_c = g_dot_b.mul_(u_c)
+        if need_dt or grad_A_r is not None:
+            decay_grad = decay.mul_(states_all[:steps]).mul_(adjoint)
+            if grad_dt_c is not None:
+                grad_dt_c.add_(torch.mul(decay_grad, A_r, out=scratch).sum(-2).view(steps, batch, dim))
+                if delta_softplus:
+                    # The derivative of F.softplus as computed: sigmoid, but exactly 1 above its threshold of 20 where
+                    # the forward returns x itself, as in torch's own softplus backward.
+                    grad_dt_c.mul_(torch.sigmoid(x_c).masked_fill_(x_c > 20.0, 1.0))
+                if grad_delta is not None:
+                    grad_delta.narrow(-1, start, steps).copy_(grad_dt_c.movedim(0, -1))
+                if grad_bias is not None:
+                    grad_bias.add_(grad_dt_c.view(steps * batch, dim).sum(0))
+            if grad_A_r is not None:
+                grad_A_r.add_(decay_grad.mul_(dt_g).view(steps * batch, groups, d_state, per_group).sum(0))
+
+    grad_A = grad_A_r.transpose(1, 2).reshape(dim, d_state).to(A.dtype) if grad_A_r is not None else None
+    return [
+        grad_u,
+        grad_delta,
+        grad_A,
+        grad_B,
+        grad_C,
+        grad_D.to(D.dtype) if grad_D is not None and D is not None else None,
+        grad_bias.to(delta_bias.dtype) if grad_bias is not None and delta_bias is not None else None,
+    ]
+
+
+def _output_dtype(u: Tensor, dtype: torch.dtype) -> torch.dtype:
+    # As mamba-ssm: the dtype of the input sequences, except that any float64 input makes the whole scan float64.
+    return dtype if dtype == torch.float64 else u.dtype
+
+
+class _SelectiveScanFunction(torch.autograd.Function):
+    """Autograd wrapper of the pure-PyTorch scan with the checkpointed hand-written backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Optional[Tensor],
+        delta_bias: Optional[Tensor],
+        delta_softplus: bool,
+    ) -> Tensor:
+        dtype = _compute_dtype(u, delta, A, B, C, D, delta_bias)
+        out_dtype = _output_dtype(u, dtype)
+        save_checkpoints = any(ctx.needs_input_grad)
+        # Autocast would run the batched matmuls in 16 bits; the scan accumulates in `dtype` by design.
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            out, checkpoints = _scan_forward(
+                u, delta, A, B, C, D, delta_bias, delta_softplus, dtype, out_dtype, save_checkpoints
+            )
+        ctx.delta_softplus = delta_softplus
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, checkpoints)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        u, delta, A, B, C, D, delta_bias, checkpoints = ctx.saved_tensors
+        needs_grad = list(ctx.needs_input_grad[:7])
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            grads = _scan_backward(
+                grad_y, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, checkpoints, needs_grad
+            )
+        return (*grads, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_mamba_selective_scan() -> Tuple[Optional[Callable[..., Tensor]], Optional[BaseException]]:
+    # Imported lazily and once: importing mamba_ssm fails (with ImportError, OSError or RuntimeError depending on
+    # what is missing) wherever its CUDA extension is not built, which must not break the pure-PyTorch backend.
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError, RuntimeError) as err:
+        logger.warning(
+            "mamba_ssm is unavailable (%s: %s); selective_scan uses its PyTorch backend.", type(err).__name__, err
+        )
+        return None, err
+    return selective_scan_fn, None
+
+
+# Eager-only (autograd Function, lazy import): selective_scan does not reach it under TorchScript, and `unused` keeps
+# the compiler from ever trying to compile it.
+@torch.jit.unused
+def _selective_scan_eager(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    backend: str,
+) -> Tensor:
+    on_cuda = u.device.type == "cuda"
+    if backend == "mamba_ssm":
+        if not on_cuda:
+            raise ValueError(
+                f"backend='mamba_ssm' needs CUDA tensors, got tensors on '{u.device}'; use 'auto' or 'torch'."
+            )
+        selective_scan_fn, err = _load_mamba_selective_scan()
+        if selective_scan_fn is None:
+            raise ImportError(f"backend='mamba_ssm' was requested but mamba_ssm cannot be imported: {err}") from err
+        return selective_scan_fn(u, delta, A, B, C, D, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    # mamba-ssm's kernel has no float64 path, so float64 (e.g. gradcheck on a GPU) always takes the PyTorch backend.
+    if backend == "auto" and on_cuda and _compute_dtype(u, delta, A, B, C, D, delta_bias) != torch.float64:
+        selective_scan_fn, _ = _load_mamba_selective_scan()
+        if selective_scan_fn is not None:
+            return selective_scan_fn(u, delta, A, B, C, D, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    return _SelectiveScanFunction.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """Selective scan in the convention of mamba-ssm's ``selective_scan_fn`` (without ``z``), with grouped B and C.
+
+    Computes ``dt = softplus(delta + delta_bias)``, ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t`` from ``h_0 = 0`` and
+    ``y_t = <C_t, h_t> + D u_t``. Channel ``d`` uses group ``d // (dim // groups)`` of B and C. The arithmetic is
+    float32 for 16- and 32-bit inputs and float64 when any input is float64; the result has the dtype of ``u``
+    (float64 in the float64 case), as with mamba-ssm.
+
+    Args:
+        u: input sequences, ``(batch, dim, L)``.
+        delta: step sizes before bias and softplus, ``(batch, dim, L)``.
+        A: state matrix (diagonal per channel, negative in practice), ``(dim, N)``.
+        B: input projections, ``(batch, groups, N, L)``; ``groups`` must divide ``dim``.
+        C: output projections, ``(batch, groups, N, L)``.
+        D: skip connection per channel, ``(dim,)``, or None.
+        delta_bias: bias added to ``delta`` per channel, ``(dim,)``, or None.
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        backend: ``"auto"`` uses mamba-ssm's CUDA kernel for CUDA tensors when ``mamba_ssm`` imports and the
+            PyTorch backend otherwise; ``"torch"`` always uses the PyTorch backend; ``"mamba_ssm"`` requires the
+            CUDA kernel and raises if it cannot be used. Under TorchScript only the PyTorch backend exists and it
+            is forward-only (for inference and export): ``"mamba_ssm"`` raises there.
+
+    Returns:
+        ``(batch, dim, L)``, contiguous.
+
+    Raises:
+        ValueError: for an unknown ``backend``, mis-shaped or non-floating-point inputs, or ``backend="mamba_ssm"``
+            with tensors that are not on CUDA.
+        ImportError: for ``backend="mamba_ssm"`` when ``mamba_ssm`` cannot be imported.
+    """
+    _validate(u, delta, A, B, C, D, delta_bias, backend)
+    if torch.jit.is_scripting():
+        if backend == "mamba_ssm":
+            raise RuntimeError("backend='mamba_ssm' is not available under TorchScript; use 'auto' or 'torch'.")
+        dtype = _compute_dtype(u, delta, A, B, C, D, delta_bias)
+        out, _ = _scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, dtype, _output_dtype(u, dtype), False)
+        return out
+    return _selective_scan_eager(u, delta, A, B, C, D, delta_bias, delta_softplus, backend)

@@ -1,0 +1,144 @@
+"""SS2D: the 2D selective-scan module of VM-UNet, with an optional wavelet convolution (VMAML-UNet's SS2D_wt)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scripts.networks.selective_scan import selective_scan
+from scripts.networks.wavelet_conv import WTConv2d
+
+__all__ = ["SS2D", "WAVELET_FUSION_MODES"]
+
+WAVELET_FUSION_MODES = ("replace", "parallel", "none")
+NUM_SCAN_DIRECTIONS = 4
+
+
+class SS2D(nn.Module):
+    """
+    Four-direction 2D selective scan (VM-UNet's SS2D) on channels-last feature maps.
+
+    The input is projected to ``x`` and a gate ``z``; ``x`` goes through a local convolution and SiLU, is flattened
+    into four sequences (row-major, column-major and the reverse of each), scanned by one selective-scan call with
+    the directions as groups, merged back in row-major order, normalised, gated by ``SiLU(z)`` and projected out.
+
+    Args:
+        dim: channels ``C`` of the input and output.
+        d_state: SSM state size ``N``.
+        expand: ``d_inner = expand * dim``.
+        dt_rank: rank of the step-size projection; ``None`` gives ``ceil(dim / 16)``.
+        wavelet_fusion: local convolution before the scan. ``"replace"``: a wavelet convolution (WTConv) instead of
+            VM-UNet's 3x3 depthwise conv; ``"parallel"``: the depthwise conv plus a WTConv branch; ``"none"``: the
+            depthwise conv alone (plain VM-UNet).
+        wavelet_levels: wavelet decomposition levels of the WTConv (capped at run time by the map size).
+        wavelet_kernel_size: kernel size of the WTConv's convolutions.
+        scan_backend: ``"auto"``, ``"torch"`` or ``"mamba_ssm"``, see :func:`selective_scan`.
+        dt_min: lower end of the initial step sizes ``softplus(dt_bias)``.
+        dt_max: upper end of the initial step sizes.
+
+    Shapes:
+        input ``(B, H, W, C)``, output ``(B, H, W, C)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        wavelet_fusion: str = "replace",
+        wavelet_levels: int = 1,
+        wavelet_kernel_size: int = 3,
+        scan_backend: str = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if wavelet_fusion not in WAVELET_FUSION_MODES:
+            raise ValueError(f"wavelet_fusion must be one of {WAVELET_FUSION_MODES}, got {wavelet_fusion!r}.")
+        d_inner = expand * dim
+        self.d_inner = d_inner
+        self.d_state = d_state
+        self.dt_rank = math.ceil(dim / 16) if dt_rank is None else dt_rank
+        self.scan_backend = scan_backend
+        self.num_directions = NUM_SCAN_DIRECTIONS
+        k = NUM_SCAN_DIRECTIONS
+
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.local_conv: nn.Module
+        self.wavelet_branch: nn.Module | None = None
+        if wavelet_fusion == "replace":
+            self.local_conv = WTConv2d(d_inner, kernel_size=wavelet_kernel_size, levels=wavelet_levels)
+        else:
+            self.local_conv = nn.Conv2d(d_inner, d_inner, kernel_size=3, padding=1, groups=d_inner, bias=True)
+            if wavelet_fusion == "parallel":
+                self.wavelet_branch = WTConv2d(d_inner, kernel_size=wavelet_kernel_size, levels=wavelet_levels)
+
+        # One projection per scan direction, stored stacked so all directions are computed by one einsum.
+        self.x_proj_weight = nn.Parameter(torch.empty(k, self.dt_rank + 2 * d_state, d_inner))
+        self.dt_proj_weight = nn.Parameter(torch.empty(k, d_inner, self.dt_rank))
+        self.dt_proj_bias = nn.Parameter(torch.empty(k, d_inner))
+        self.A_log = nn.Parameter(torch.empty(k * d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(k * d_inner))
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+        self._init_ssm_parameters(dt_min, dt_max)
+
+    @torch.no_grad()
+    def _init_ssm_parameters(self, dt_min: float, dt_max: float) -> None:
+        # The Mamba initialisation: step sizes log-uniform in [dt_min, dt_max] through the inverse softplus of the
+        # bias, S4D-real A = -(1..N), and a unit skip D.
+        bound = self.d_inner**-0.5
+        nn.init.uniform_(self.x_proj_weight, -bound, bound)
+        nn.init.uniform_(self.dt_proj_weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
+        dt = torch.exp(torch.rand_like(self.dt_proj_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=1e-4)
+        self.dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        a = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_log.copy_(torch.log(a).expand_as(self.A_log))
+        self.D.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        length = height * width
+        k = self.num_directions
+
+        u, z = self.in_proj(x).chunk(2, dim=-1)
+        u = u.permute(0, 3, 1, 2).contiguous()
+        local = self.local_conv(u)
+        if self.wavelet_branch is not None:
+            local = local + self.wavelet_branch(u)
+        u = F.silu(local)
+
+        # Cross-scan: row-major, column-major, and both reversed, as groups of one scan.
+        rows = u.reshape(batch, self.d_inner, length)
+        cols = u.transpose(2, 3).reshape(batch, self.d_inner, length)
+        forward_seqs = torch.stack([rows, cols], dim=1)
+        seqs = torch.cat([forward_seqs, forward_seqs.flip(-1)], dim=1)
+
+        projected = torch.einsum("bkdl,kcd->bkcl", seqs, self.x_proj_weight)
+        dt, b, c = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj_weight)
+
+        y = selective_scan(
+            seqs.reshape(batch, k * self.d_inner, length),
+            delta.reshape(batch, k * self.d_inner, length),
+            -torch.exp(self.A_log.float()),
+            b.contiguous(),
+            c.contiguous(),
+            self.D.float(),
+            self.dt_proj_bias.reshape(-1).float(),
+            True,
+            self.scan_backend,
+        ).view(batch, k, self.d_inner, length)
+
+        # Cross-merge: undo the reversals and the transposition, then add the four directions in row-major order.
+        y = y[:, :2] + y[:, 2:].flip(-1)
+        y_cols = y[:, 1].reshape(batch, self.d_inner, width, height).transpose(2, 3).reshape(batch, self.d_inner, length)
+        y = (y[:, 0] + y_cols).transpose(1, 2).reshape(batch, height, width, self.d_inner)
+
+        y = self.out_norm(y.to(z.dtype)) * F.silu(z)
+        return self.out_proj(y)

@@ -1,0 +1,338 @@
+"""Tests of scripts.networks.selective_scan against a plain float64 sequential reference."""
+
+import itertools
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import scripts.networks.selective_scan as selective_scan_module
+from scripts.networks.selective_scan import selective_scan
+
+ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+def reference_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = True,
+) -> Tensor:
+    """The recurrence written out step by step in float64, differentiable by autograd."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    dim, length = u.shape[1], u.shape[2]
+    per_group = dim // B.shape[1]
+    B = B.repeat_interleave(per_group, dim=1)  # (batch, dim, N, L)
+    C = C.repeat_interleave(per_group, dim=1)
+    dt = delta if delta_bias is None else delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    h = u.new_zeros(u.shape[0], dim, A.shape[1])
+    ys = []
+    for t in range(length):
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[:, :, None] * B[:, :, :, t]
+        ys.append((h * C[:, :, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.double()[:, None] * u
+    return y
+
+
+def make_inputs(
+    batch: int = 2,
+    dim: int = 8,
+    groups: int = 2,
+    d_state: int = 4,
+    length: int = 65,
+    dtype: torch.dtype = torch.float64,
+    with_D: bool = True,
+    with_bias: bool = True,
+    delta_max: Optional[float] = None,
+    a_max: float = 4.0,
+    seed: int = 0,
+) -> List[Optional[Tensor]]:
+    """Random inputs ``[u, delta, A, B, C, D, delta_bias]``; ``delta_max`` draws delta from U(0, delta_max)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    delta = randn(batch, dim, length) if delta_max is None else rand(batch, dim, length) * delta_max
+    inputs = [
+        randn(batch, dim, length),
+        delta,
+        -(rand(dim, d_state) * (a_max - 0.1) + 0.1),
+        randn(batch, groups, d_state, length),
+        randn(batch, groups, d_state, length),
+        randn(dim) if with_D else None,
+        randn(dim) * 0.5 if with_bias else None,
+    ]
+    return [t.to(dtype).requires_grad_() if t is not None else None for t in inputs]
+
+
+def grads_of(y: Tensor, inputs: List[Optional[Tensor]], grad_y: Tensor) -> List[Optional[Tensor]]:
+    present = [t for t in inputs if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, present, grad_y, allow_unused=True))
+    return [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+
+
+def rel_err(x: Tensor, ref: Tensor) -> float:
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+
+
+def check_against_reference(inputs: List[Optional[Tensor]], delta_softplus: bool = True, tol: float = 1e-10) -> None:
+    y = selective_scan(*inputs, delta_softplus=delta_softplus, backend="torch")
+    y_ref = reference_scan(*inputs, delta_softplus=delta_softplus)
+    assert y.shape == y_ref.shape
+    assert torch.isfinite(y).all()
+    # Tolerances relative to the largest magnitude: elements near zero are sums of much larger terms.
+    torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol * y_ref.abs().max().item())
+    grad_y = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = grads_of(y, inputs, grad_y.to(y.dtype))
+    grads_ref = grads_of(y_ref, inputs, grad_y)
+    for name, g, g_ref in zip(ARG_NAMES, grads, grads_ref):
+        if g_ref is None:
+            assert g is None, name
+            continue
+        assert g is not None, name
+        assert torch.isfinite(g).all(), name
+        atol = tol * g_ref.abs().max().item()
+        torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=atol, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 65, 130])
+@pytest.mark.parametrize("d_state,groups", [(1, 1), (4, 2), (16, 4)])
+def test_matches_reference_over_lengths_and_groups(length: int, d_state: int, groups: int) -> None:
+    check_against_reference(make_inputs(d_state=d_state, groups=groups, length=length, seed=length))
+
+
+@pytest.mark.parametrize("length", [65, 130])
+@pytest.mark.parametrize("with_D,with_bias,delta_softplus", list(itertools.product([True, False], repeat=3)))
+def test_matches_reference_with_optional_terms(
+    length: int, with_D: bool, with_bias: bool, delta_softplus: bool
+) -> None:
+    # Without softplus the step sizes must stay positive, as they are in use.
+    inputs = make_inputs(length=length, with_D=with_D, with_bias=with_bias, delta_max=None if delta_softplus else 2.0)
+    if not delta_softplus and with_bias:
+        inputs[6] = inputs[6].detach().abs().requires_grad_()
+    check_against_reference(inputs, delta_softplus=delta_softplus)
+
+
+@pytest.mark.parametrize("delta_softplus", [True, False])
+@pytest.mark.parametrize("delta_max", [10.0, 60.0])
+def test_large_step_sizes_stay_finite(delta_max: float, delta_softplus: bool) -> None:
+    # dt * A down to -960: the decays underflow to exactly 0 (also in float64), which log-space scans turn into NaN.
+    inputs = make_inputs(d_state=16, groups=4, length=130, delta_max=delta_max, a_max=16.0, with_bias=False)
+    check_against_reference(inputs, delta_softplus=delta_softplus)
+    inputs32 = [t.detach().float().requires_grad_() if t is not None else None for t in inputs]
+    y32 = selective_scan(*inputs32, delta_softplus=delta_softplus, backend="torch")
+    y32.sum().backward()
+    assert torch.isfinite(y32).all()
+    assert all(torch.isfinite(t.grad).all() for t in inputs32 if t is not None)
+
+
+def test_float32_close_to_float64_reference() -> None:
+    inputs = make_inputs(dim=16, groups=4, d_state=16, length=300, seed=3)
+    inputs32 = [t.detach().float().requires_grad_() if t is not None else None for t in inputs]
+    y_ref = reference_scan(*inputs)
+    y32 = selective_scan(*inputs32, backend="torch")
+    assert y32.dtype == torch.float32
+    assert rel_err(y32, y_ref) < 1e-5
+    grad_y = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for name, g, g_ref in zip(ARG_NAMES, grads_of(y32, inputs32, grad_y.float()), grads_of(y_ref, inputs, grad_y)):
+        assert g is not None and g.dtype == torch.float32, name
+        assert rel_err(g, g_ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_accumulate_in_float32(dtype: torch.dtype) -> None:
+    inputs = make_inputs(length=70, dtype=dtype)
+    y = selective_scan(*inputs, backend="torch")
+    assert y.dtype == dtype
+    y_ref = reference_scan(*inputs)
+    # Only the final rounding to 16 bits separates the result from the float64 reference of the same inputs.
+    torch.testing.assert_close(y.double(), y_ref.to(dtype).double(), rtol=0, atol=y_ref.abs().max().item() * 1e-2)
+    y.sum().backward()
+    for name, t in zip(ARG_NAMES, inputs):
+        assert t is not None and t.grad is not None and t.grad.dtype == dtype, name
+
+
+def test_gradcheck() -> None:
+    inputs = make_inputs(batch=2, dim=4, groups=2, d_state=2, length=6)
+    assert torch.autograd.gradcheck(lambda *args: selective_scan(*args, backend="torch"), inputs)
+
+
+def test_gradcheck_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Chunks of 3 steps: checkpoints, the carried adjoint and a partial last chunk, at a size gradcheck can afford.
+    monkeypatch.setattr(selective_scan_module, "_chunk_size", lambda: 3)
+    inputs = make_inputs(batch=1, dim=4, groups=2, d_state=3, length=8)
+    assert torch.autograd.gradcheck(lambda *args: selective_scan(*args, backend="torch"), inputs)
+    check_against_reference(make_inputs(length=20))
+
+
+def test_only_requested_gradients_are_computed() -> None:
+    inputs = make_inputs()
+    inputs = [t.detach() if t is not None else None for t in inputs]
+    inputs[0].requires_grad_()
+    inputs[2].requires_grad_()
+    y = selective_scan(*inputs, backend="torch")
+    assert type(y.grad_fn).__name__ == "_SelectiveScanFunctionBackward"
+    check_against_reference(inputs)
+
+
+def test_non_contiguous_inputs() -> None:
+    inputs = make_inputs(dim=8, groups=2, d_state=4, length=70)
+    u, delta, A, B, C, D, delta_bias = (t.detach() for t in inputs)
+    u_nc = u.transpose(0, 2).contiguous().transpose(0, 2)
+    bc = torch.cat([B, C], dim=2)  # B and C as strided slices, as after a split of one projection
+    y = selective_scan(u_nc, delta, A.t().contiguous().t(), bc[:, :, :4], bc[:, :, 4:], D, delta_bias)
+    torch.testing.assert_close(y, reference_scan(u, delta, A, B, C, D, delta_bias), rtol=1e-10, atol=1e-10)
+
+
+def test_empty_sequence() -> None:
+    inputs = make_inputs(length=0)
+    y = selective_scan(*inputs)
+    assert y.shape == (2, 8, 0)
+    y.sum().backward()
+    assert torch.equal(inputs[2].grad, torch.zeros_like(inputs[2]))
+
+
+def test_auto_on_cpu_equals_torch() -> None:
+    inputs = make_inputs(dtype=torch.float32)
+    assert torch.equal(selective_scan(*inputs, backend="auto"), selective_scan(*inputs, backend="torch"))
+
+
+def test_unknown_backend() -> None:
+    with pytest.raises(ValueError, match="'auto', 'torch', 'mamba_ssm'"):
+        selective_scan(*make_inputs(length=3), backend="cuda")
+
+
+def test_mamba_ssm_backend_needs_cuda_tensors() -> None:
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        selective_scan(*make_inputs(length=3, dtype=torch.float32), backend="mamba_ssm")
+
+
+def test_mamba_ssm_import_failure_is_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # None entries in sys.modules make the import raise ImportError, as on a machine without the package.
+    for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface"):
+        monkeypatch.setitem(sys.modules, name, None)
+    loader = selective_scan_module._load_mamba_selective_scan
+    loader.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=selective_scan_module.__name__):
+            fn, err = loader()
+            assert loader() == (fn, err)
+        assert fn is None and isinstance(err, ImportError)
+        warnings = [r for r in caplog.records if "mamba_ssm is unavailable" in r.getMessage()]
+        assert len(warnings) == 1
+    finally:
+        loader.cache_clear()
+
+
+def test_auto_on_cpu_does_not_import_mamba_ssm() -> None:
+    loader = selective_scan_module._load_mamba_selective_scan
+    loader.cache_clear()
+    selective_scan(*make_inputs(length=3), backend="auto")
+    assert loader.cache_info().currsize == 0
+
+
+BAD_SHAPES = {
+    "u": ((2, 8), r"u must have shape \(batch, dim, L\)"),
+    "delta": ((2, 8, 6), "delta must have the shape of u"),
+    "A": ((7, 4), r"A must have shape \(dim=8, N\)"),
+    "B": ((2, 2, 4, 6), r"B must have shape \(batch=2, groups, N=4, L=5\)"),
+    "C": ((2, 2, 3, 5), "C must have the shape of B"),
+    "D": ((7,), r"D must have shape \(dim=8,\)"),
+    "delta_bias": ((8, 1), r"delta_bias must have shape \(dim=8,\)"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SHAPES))
+def test_shape_validation(name: str) -> None:
+    inputs = [t.detach() for t in make_inputs(length=5)]
+    shape, message = BAD_SHAPES[name]
+    inputs[ARG_NAMES.index(name)] = torch.zeros(shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        selective_scan(*inputs)
+
+
+def test_groups_must_divide_dim() -> None:
+    inputs = [t.detach() for t in make_inputs(dim=6, groups=2, length=5)]
+    inputs[3] = inputs[4] = torch.zeros(2, 4, 4, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"groups of B and C \(4\) must divide dim=6"):
+        selective_scan(*inputs)
+
+
+def test_integer_inputs_are_rejected() -> None:
+    inputs = [t.detach() for t in make_inputs(length=5)]
+    inputs[0] = inputs[0].long()
+    with pytest.raises(ValueError, match="real floating-point"):
+        selective_scan(*inputs)
+
+
+class _ScanModule(torch.nn.Module):
+    def __init__(self, backend: str = "auto") -> None:
+        super().__init__()
+        self.backend = backend
+
+    def forward(
+        self,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Optional[Tensor],
+        delta_bias: Optional[Tensor],
+    ) -> Tensor:
+        return selective_scan(u, delta, A, B, C, D, delta_bias, True, self.backend)
+
+
+# torch.jit is deprecated upstream but is what MONAI's ckpt_export uses, so the export path is tested as it is.
+@pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+@pytest.mark.parametrize("with_optional", [True, False])
+def test_torchscript(with_optional: bool, tmp_path: Path) -> None:
+    module = _ScanModule()
+    scripted = torch.jit.script(module)
+    inputs = [t.detach() if t is not None else None for t in make_inputs(dtype=torch.float32, length=70)]
+    if not with_optional:
+        inputs[5] = inputs[6] = None
+    expected = module(*inputs)
+    torch.testing.assert_close(scripted(*inputs), expected, rtol=0, atol=0)
+    path = tmp_path / "scan.pt"
+    torch.jit.save(scripted, str(path))
+    torch.testing.assert_close(torch.jit.load(str(path))(*inputs), expected, rtol=0, atol=0)
+    with pytest.raises(torch.jit.Error, match="delta_bias must have shape"):
+        scripted(*inputs[:5], None, torch.zeros(3))  # validation also runs under TorchScript
+    with pytest.raises(torch.jit.Error, match="not available under TorchScript"):
+        torch.jit.script(_ScanModule("mamba_ssm"))(*inputs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mamba_ssm_agrees_with_torch_backend_on_gpu() -> None:
+    if selective_scan_module._load_mamba_selective_scan()[0] is None:
+        pytest.skip("mamba_ssm does not import")
+    inputs = [t.cuda() if t is not None else None for t in make_inputs(d_state=16, groups=4, length=300)]
+    inputs = [t.detach().float().requires_grad_() if t is not None else None for t in inputs]
+    y_kernel = selective_scan(*inputs, backend="mamba_ssm")
+    y_torch = selective_scan(*inputs, backend="torch")
+    assert rel_err(y_kernel, y_torch.double()) < 1e-4
+    grad_y = torch.randn_like(y_torch)
+    for name, g_kernel, g_torch in zip(
+        ARG_NAMES, grads_of(y_kernel, inputs, grad_y), grads_of(y_torch, inputs, grad_y)
+    ):
+        assert rel_err(g_kernel, g_torch.double()) < 1e-3, name

@@ -1,0 +1,299 @@
+"""
+The bundle's workflows end to end on tiny settings: training, evaluation, inference, multi-process training.
+
+Training and evaluation go through real ``python -m monai.bundle run`` processes, as a user runs them; the inference
+checks use ``ConfigWorkflow`` in this process, with ``check_properties`` as MONAI applications call it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+from PIL import Image
+
+from scripts.datalist import evaluation_split, list_images
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+TINY = {
+    "network_dims": [8, 16, 32, 64],
+    "network_depths": [1, 1, 1, 1],
+    "network_depths_decoder": [1, 1, 1, 1],
+    "d_state": 4,
+    "image_size": [32, 48],
+    "num_epochs": 2,
+    "batch_size": 4,
+    "synthetic_num_images": [8, 4, 4],
+    "num_workers": 0,
+}
+# keys that inference.json repeats from train.json: they must agree, or a trained checkpoint does not load
+SHARED_KEYS = (
+    "image_size",
+    "in_channels",
+    "out_channels",
+    "network_dims",
+    "network_depths",
+    "network_depths_decoder",
+    "d_state",
+    "drop_path_rate",
+    "wavelet_fusion",
+    "wavelet_levels",
+    "use_wcaa",
+    "kan_side_heads",
+    "scan_backend",
+    "network_def",
+    "image_readers",
+)
+INFERENCE_KEYS = tuple(k for k in TINY if k.startswith("network") or k in ("d_state", "image_size"))
+
+
+def _bundle(command: list[str], timeout: int = 300, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle <command>`` (or under ``launcher``) in the bundle root; fail with its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if launcher else dict(os.environ)
+    args = [sys.executable, *(launcher or []), "-m", "monai.bundle", *command]
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-6000:]}"
+    return result
+
+
+def _overrides(folder: Path, **extra) -> str:
+    """A config file with the tiny settings and every output under ``folder``."""
+    settings = {
+        **TINY,
+        "synthetic_dir": str(folder / "data"),
+        "ckpt_dir": str(folder / "models"),
+        "log_dir": str(folder / "runs"),
+        "output_dir": str(folder / "eval"),
+        **extra,
+    }
+    path = folder / "overrides.json"
+    path.write_text(json.dumps(settings, indent=4))
+    return str(path)
+
+
+def _config_list(*files: str) -> str:
+    return "[" + ",".join(f"'{f}'" for f in files) + "]"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A tiny model trained by ``python -m monai.bundle run training`` on the generated synthetic data."""
+    folder = tmp_path_factory.mktemp("bundle")
+    overrides = _overrides(folder)
+    files = _config_list(str(CONFIGS / "train.json"), overrides)
+    result = _bundle(["run", "training", "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", files])
+    return {"folder": folder, "overrides": overrides, "log": result.stdout + result.stderr}
+
+
+def test_metadata_is_valid():
+    if not SCHEMA.is_file():
+        pytest.skip(f"the metadata schema is not at {SCHEMA}")
+    jsonschema = pytest.importorskip("jsonschema")
+    metadata = json.loads((CONFIGS / "metadata.json").read_text())
+    jsonschema.validate(metadata, json.loads(SCHEMA.read_text()))
+    assert set(metadata["network_data_format"]["inputs"]) == {"image"}
+    assert set(metadata["network_data_format"]["outputs"]) == {"pred"}
+
+
+def test_configs_agree():
+    train = ConfigParser.load_config_file(CONFIGS / "train.json")
+    inference = ConfigParser.load_config_file(CONFIGS / "inference.json")
+    for key in SHARED_KEYS:
+        assert inference[key] == train[key], f"'{key}' differs between train.json and inference.json"
+    image = ConfigParser.load_config_file(CONFIGS / "metadata.json")["network_data_format"]["inputs"]["image"]
+    assert image["spatial_shape"] == train["image_size"] and image["num_channels"] == train["in_channels"]
+
+
+@pytest.mark.parametrize(
+    "files,workflow_type",
+    [(["train.json"], "train"), (["train.json", "evaluate.json"], "eval"), (["inference.json"], "infer")],
+)
+def test_check_properties(trained, files, workflow_type):
+    folder = trained["folder"]
+    if workflow_type == "infer":
+        overrides = {k: TINY[k] for k in INFERENCE_KEYS}
+        overrides["dataset_dir"] = str(folder / "data" / "images")
+    else:
+        overrides = json.loads(Path(trained["overrides"]).read_text())
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        bundle_root=str(REPO),
+        **overrides,
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+
+
+def test_training(trained):
+    folder, log = trained["folder"], trained["log"]
+    assert (folder / "models" / "model.pt").is_file()
+    assert json.loads((folder / "data" / "datalist.json").read_text())["test"], "the synthetic set has a test split"
+    for expected in ("Epoch[2] Metrics", "train_loss", "val_mean_iou", "val_mean_dice", "Epoch [2/2]"):
+        assert expected in log, f"'{expected}' missing from the training log"
+    assert "Epoch[2] loss_level_weights -- side1:" in log
+    assert list((folder / "runs").glob("events.out.tfevents.*"))
+
+
+def test_evaluation(trained):
+    folder = trained["folder"]
+    files = _config_list(str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json"), trained["overrides"])
+    _bundle(["run", "evaluating", "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", files])
+    summary = json.loads((folder / "eval" / "metrics_summary.json").read_text())
+    assert summary["num_images"] == TINY["synthetic_num_images"][2], "the test split is evaluated"
+    assert set(summary["metrics"]) == {"mean_iou", "mean_dice", "precision", "recall", "hd95"}
+    assert 0.0 <= summary["metrics"]["mean_dice"] <= 1.0
+    rows = (folder / "eval" / "mean_dice_raw.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + TINY["synthetic_num_images"][2] and "test_000.png" in rows[1]
+
+
+def test_evaluation_split_falls_back_to_validation(tmp_path):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": "a"}], "validation": [{"image": "b"}], "test": []}))
+    assert evaluation_split(str(datalist)) == "validation"
+    datalist.write_text(json.dumps({"training": [{"image": "a"}]}))
+    with pytest.raises(ValueError, match="datalist.json"):
+        evaluation_split(str(datalist))
+
+
+def _inference(folder: Path, dataset_dir: Path, **overrides) -> Path:
+    """Run inference.json in this process; returns the output folder."""
+    output_dir = folder / "predictions"
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"),
+        logging_file=False,
+        workflow_type="infer",
+        bundle_root=str(REPO),
+        dataset_dir=str(dataset_dir),
+        output_dir=str(output_dir),
+        **overrides,
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    workflow.finalize()
+    return output_dir
+
+
+def test_inference_on_a_mixed_folder(trained, tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, size=(37, 53), dtype=np.uint8)
+    colour = rng.integers(0, 255, size=(41, 29, 3), dtype=np.uint8)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(grey).save(inputs / "grey.PNG")
+    Image.fromarray(colour).save(inputs / "colour.jpg")
+    Image.fromarray(colour).save(inputs / "colour_bmp.bmp")
+    Image.fromarray(np.dstack([colour, colour[..., :1]])).save(inputs / "rgba.tiff")
+    affine = np.diag([0.8, 0.6, 3.0, 1.0])
+    affine[:3, 3] = [-5.0, 7.0, 12.0]
+    nib.save(nib.Nifti1Image(grey.astype(np.float32), affine), inputs / "slice.nii.gz")
+    nib.save(nib.Nifti1Image(grey[..., None].astype(np.int16), affine), inputs / "one_slice.nii")
+    (inputs / "notes.txt").write_text("not an image")
+
+    overrides = {k: TINY[k] for k in INFERENCE_KEYS}
+    out = _inference(
+        tmp_path, inputs, ckpt_path=str(trained["folder"] / "models" / "model.pt"), save_overlay=True, **overrides
+    )
+    for name, size in (("grey", (53, 37)), ("colour", (29, 41)), ("colour_bmp", (29, 41)), ("rgba", (29, 41))):
+        mask = Image.open(out / f"{name}_mask.png")
+        assert mask.size == size and mask.mode == "L", name
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}, name
+        assert Image.open(out / f"{name}_overlay.png").size == size, name
+    for name, shape in (("slice_mask.nii.gz", (37, 53)), ("one_slice_mask.nii", (37, 53, 1))):
+        mask = nib.load(out / name)
+        assert mask.shape == shape, name
+        np.testing.assert_allclose(mask.affine, affine, atol=1e-5)
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}, name
+    assert sorted(p.name for p in out.iterdir() if "_mask" in p.name) == sorted(
+        ["grey_mask.png", "colour_mask.png", "colour_bmp_mask.png", "rgba_mask.png"]
+        + ["slice_mask.nii.gz", "one_slice_mask.nii"]
+    )
+
+
+def test_inference_masks_line_up_with_asymmetric_pictures(tmp_path):
+    """Through the whole inference config, with a 1x1 convolution that marks bright pixels as the network."""
+    picture = np.full((30, 50), 10, dtype=np.uint8)
+    picture[3:12, 4:22] = 240
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(np.stack([picture] * 3, axis=-1)).save(inputs / "corner.png")
+    threshold_net = torch.nn.Conv2d(3, 1, kernel_size=1)
+    with torch.no_grad():
+        threshold_net.weight.fill_(20.0 / 3)
+        threshold_net.bias.fill_(-10.0)  # logit > 0 where the mean intensity (scaled to [0, 1]) exceeds 0.5
+    ckpt = tmp_path / "threshold.pt"
+    torch.save(threshold_net.state_dict(), ckpt)
+    network = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 1, "kernel_size": 1}
+    out = _inference(tmp_path, inputs, ckpt_path=str(ckpt), network_def=network, image_size=[40, 40])
+    mask = np.asarray(Image.open(out / "corner_mask.png"))
+    assert mask.shape == picture.shape
+    expected = np.where(picture > 127, 255, 0)
+    assert (mask != expected).mean() < 0.02, "the mask must cover the bright corner square, not its transpose"
+    assert mask[7, 12] == 255 and mask[25, 40] == 0
+
+
+def test_inference_input_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="empty holds no image"):
+        list_images(str(empty))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        list_images(str(tmp_path / "missing"))
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "scan.png").write_text("this is not a PNG")
+    network = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 1, "kernel_size": 1}
+    ckpt = tmp_path / "net.pt"
+    torch.save(torch.nn.Conv2d(3, 1, 1).state_dict(), ckpt)
+    with pytest.raises(Exception) as error:
+        _inference(tmp_path, broken, ckpt_path=str(ckpt), network_def=network)
+    messages, cause = [], error.value
+    while cause is not None:
+        messages.append(str(cause))
+        cause = cause.__cause__
+    assert any("scan.png" in m for m in messages), messages
+
+
+def test_training_without_side_heads(tmp_path):
+    """Plain VM-UNet training: no side heads, loss mode none; the trainer sees plain logits."""
+    overrides = json.loads(Path(_overrides(tmp_path, num_epochs=1, kan_side_heads=False, loss_mode="none")).read_text())
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        bundle_root=str(REPO),
+        **overrides,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert workflow.trainer.state.metrics["train_loss"] > 0
+
+
+def test_multi_process_training(tmp_path):
+    """``torchrun --nproc_per_node=2`` with gloo on CPU: both ranks train, rank 0 alone writes."""
+    overrides = _overrides(tmp_path, synthetic_num_images=[8, 4, 0])
+    files = _config_list(str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json"), overrides)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = _bundle(["run", "training", "--config_file", files], launcher=launcher)
+    log = result.stdout + result.stderr
+    assert "rank 0 of 2 trains on cpu" in log and "rank 1 of 2 trains on cpu" in log
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pt"]
+    assert len(list((tmp_path / "runs").glob("events.out.tfevents.*"))) == 1, "only rank 0 writes TensorBoard logs"
+    assert log.count("Epoch[2] Metrics -- train_loss") == 1, "only rank 0 logs the metrics"

@@ -121,10 +121,7 @@ def _write(folder: str, settings: dict[str, Any]) -> None:
 
 
 def ensure_synthetic_dataset(
-    root: str,
-    num_images: Sequence[int] = (32, 8, 8),
-    sizes: Sequence[Sequence[int]] = DEFAULT_SIZES,
-    seed: int = 0,
+    root: str, num_images: Sequence[int] = (32, 8, 8), sizes: Sequence[Sequence[int]] = DEFAULT_SIZES, seed: int = 0
 ) -> str:
     """
     Make sure ``root`` holds the synthetic data set with these settings and return its datalist's path.
@@ -156,7 +153,9 @@ def ensure_synthetic_dataset(
     if existing == settings:
         return datalist
     if existing is None and os.path.exists(root) and os.listdir(root):
-        raise ValueError(f"{root} is not empty and holds no synthetic data set of this bundle; refusing to write in it.")
+        raise ValueError(
+            f"{root} is not empty and holds no synthetic data set of this bundle; refusing to write in it."
+        )
 
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)

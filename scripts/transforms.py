@@ -1,4 +1,7 @@
-"""Bundle transforms that MONAI lacks: 2D squeezing, channel-count conversion, mask binarisation, mask saving."""
+"""
+Bundle transforms that MONAI lacks: channel-first for in-memory pictures, 2D squeezing, channel-count conversion,
+mask binarisation, mask saving.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +11,19 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, SaveImage, Transform
+from monai.transforms import EnsureChannelFirst, MapTransform, SaveImage, Transform
+from monai.utils import MetaKeys
 
 __all__ = [
+    "EnsureChannelFirst2D",
+    "EnsureChannelFirst2Dd",
     "EnsureChannels",
     "EnsureChannelsd",
     "EnsureSpatial2D",
     "EnsureSpatial2Dd",
     "MaskToLabel",
     "MaskToLabeld",
-    "SaveMaskd",
+    "SaveImageMaskd",
     "is_nifti",
 ]
 
@@ -32,6 +38,36 @@ def is_nifti(filename: str) -> bool:
 def _source(img: torch.Tensor) -> str:
     """The file an image was loaded from, for error messages."""
     return str(img.meta.get("filename_or_obj", "<array>")) if isinstance(img, MetaTensor) else "<array>"
+
+
+class EnsureChannelFirst2D(Transform):
+    """
+    MONAI's ``EnsureChannelFirst``, which also takes 2D pictures that no MONAI reader loaded.
+
+    ``EnsureChannelFirst`` finds the channel from the ``original_channel_dim`` that MONAI's readers record, and
+    raises without it. Arrays handed over in memory (MONAI Deploy's bundle operator drops ``LoadImage`` and passes
+    the picture array with its own metadata) lack it; for those the picture layout is assumed: ``(H, W)`` has no
+    channel, ``(H, W, C)`` with 1 to 4 channels is channel-last.
+
+    Raises:
+        ValueError: when an array without ``original_channel_dim`` has neither picture layout.
+    """
+
+    PICTURE_CHANNELS = (1, 2, 3, 4)  # grey, grey + alpha, RGB, RGBA
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if isinstance(img, MetaTensor) and img.meta.get(MetaKeys.ORIGINAL_CHANNEL_DIM) is not None:
+            return EnsureChannelFirst()(img)
+        if img.ndim == 2:
+            channel_dim: str | int = "no_channel"
+        elif img.ndim == 3 and img.shape[-1] in self.PICTURE_CHANNELS:
+            channel_dim = -1
+        else:
+            raise ValueError(
+                f"{_source(img)}: no original_channel_dim in the metadata and shape {tuple(img.shape)} is not a "
+                f"(H, W) or (H, W, C) picture with C in {self.PICTURE_CHANNELS}."
+            )
+        return EnsureChannelFirst(channel_dim=channel_dim)(img)
 
 
 class EnsureSpatial2D(Transform):
@@ -118,6 +154,20 @@ class MaskToLabel(Transform):
         return (foreground > threshold).to(torch.float32)
 
 
+class EnsureChannelFirst2Dd(MapTransform):
+    """Dictionary version of :class:`EnsureChannelFirst2D`."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converter = EnsureChannelFirst2D()
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+        return d
+
+
 class EnsureSpatial2Dd(MapTransform):
     """Dictionary version of :class:`EnsureSpatial2D`."""
 
@@ -160,11 +210,13 @@ class MaskToLabeld(MapTransform):
         return d
 
 
-class SaveMaskd(MapTransform):
+class SaveImageMaskd(MapTransform):
     """
     Save the mask of each input in the input's own kind of file, and optionally an overlay picture.
 
     MONAI's ``SaveImaged`` writes one format per instance; an inference folder may mix pictures and NIfTI files.
+    The class name contains ``SaveImage`` so that MONAI Deploy's ``MonaiBundleInferenceOperator``, which drops every
+    transform whose class name contains ``LoadImage`` or ``SaveImage`` and passes results in memory, drops it too.
     Masks of pictures are written as PNG (values 0/255 by default), masks of NIfTI inputs as NIfTI (same extension,
     same shape, including a trailing one-slice dimension) with the mask's values and the input's affine. All go
     through MONAI's writers, which undo the (W, H) order in which MONAI's PIL reader loads pictures, so a mask lines
@@ -206,7 +258,9 @@ class SaveMaskd(MapTransform):
         for key in self.key_iterator(d):
             mask = d[key]
             if not isinstance(mask, MetaTensor):
-                raise TypeError(f"SaveMaskd needs '{key}' as a MetaTensor with the input's metadata, got {type(mask)}.")
+                raise TypeError(
+                    f"SaveImageMaskd needs '{key}' as a MetaTensor with the input's metadata, got {type(mask)}."
+                )
             source = _source(mask).lower()
             if is_nifti(source):
                 self._save_nifti(mask, ".nii.gz" if source.endswith(".gz") else ".nii")
@@ -255,7 +309,12 @@ class SaveMaskd(MapTransform):
             # the trailing singleton stands in for the channel, so that the writer neither adds nor drops a dimension
             volume = mask.as_tensor().reshape(original)
             self._save(
-                volume, mask.meta, ext, self.output_postfix, channel_dim=-1, data_kwargs={"spatial_ndim": None},
+                volume,
+                mask.meta,
+                ext,
+                self.output_postfix,
+                channel_dim=-1,
+                data_kwargs={"spatial_ndim": None},
                 squeeze_end_dims=False,
             )
         else:

@@ -1,4 +1,7 @@
-"""Bundle transforms: 2D squeezing, channel conversion, mask binarisation, and mask saving that lines up with inputs."""
+"""
+Bundle transforms: channel-first pictures, 2D squeezing, channel conversion, mask binarisation, and mask saving that
+lines up with inputs.
+"""
 
 import nibabel as nib
 import numpy as np
@@ -8,7 +11,15 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
-from scripts.transforms import EnsureChannels, EnsureSpatial2D, EnsureSpatial2Dd, MaskToLabel, SaveMaskd, is_nifti
+from scripts.transforms import (
+    EnsureChannelFirst2D,
+    EnsureChannels,
+    EnsureSpatial2D,
+    EnsureSpatial2Dd,
+    MaskToLabel,
+    SaveImageMaskd,
+    is_nifti,
+)
 
 AFFINE = np.array([[0.5, 0, 0, 10.0], [0, 0.7, 0, 20.0], [0, 0, 2.0, 30.0], [0, 0, 0, 1]])
 
@@ -24,6 +35,32 @@ def _load(path: str) -> dict:
     """Load as the bundle's configs do, keeping the image's metadata."""
     loader = LoadImaged(keys="image", reader=["NibabelReader", "PILReader"])
     return Compose([loader, EnsureChannelFirstd(keys="image")])({"image": path})
+
+
+@pytest.mark.parametrize(
+    "shape,expected", [((30, 50), (1, 30, 50)), ((30, 50, 3), (3, 30, 50)), ((30, 50, 1), (1, 30, 50))]
+)
+def test_ensure_channel_first_2d_in_memory_pictures(shape, expected):
+    """Arrays without a reader's original_channel_dim (MONAI Deploy hands them over in memory) are pictures."""
+    picture = torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(shape)
+    out = EnsureChannelFirst2D()(MetaTensor(picture))
+    assert out.shape == expected
+    torch.testing.assert_close(out.as_tensor(), picture.reshape(*shape[:2], -1).permute(2, 0, 1))
+
+
+def test_ensure_channel_first_2d_follows_the_reader(tmp_path):
+    """With a reader's metadata it is MONAI's EnsureChannelFirst: a grey PNG stays one channel of its (W, H) array."""
+    Image.fromarray(_picture_with_a_corner_square()).save(tmp_path / "grey.png")
+    loaded = LoadImaged(keys="image", reader="PILReader")({"image": str(tmp_path / "grey.png")})["image"]
+    torch.testing.assert_close(
+        EnsureChannelFirst2D()(loaded), EnsureChannelFirstd(keys="image")({"image": loaded})["image"]
+    )
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (30, 50, 8)])
+def test_ensure_channel_first_2d_rejects_non_pictures(shape):
+    with pytest.raises(ValueError, match="original_channel_dim"):
+        EnsureChannelFirst2D()(MetaTensor(torch.zeros(shape)))
 
 
 @pytest.mark.parametrize(
@@ -91,7 +128,7 @@ def test_png_mask_lines_up_with_an_asymmetric_picture(tmp_path):
     data = _load(str(path))
     assert data["image"].shape == (1, 50, 30), "MONAI's PILReader is expected to transpose to (W, H)"
     data["pred"] = MetaTensor((data["image"] > 127).float(), meta=dict(data["image"].meta))
-    SaveMaskd(keys="pred", output_dir=str(tmp_path / "out"))(data)
+    SaveImageMaskd(keys="pred", output_dir=str(tmp_path / "out"))(data)
     written = np.asarray(Image.open(tmp_path / "out" / "corner_mask.png"))
     assert written.shape == picture.shape
     np.testing.assert_array_equal(written, np.where(picture > 127, 255, 0))
@@ -105,7 +142,7 @@ def test_nifti_mask_keeps_shape_affine_and_alignment(tmp_path, shape):
     data = _load(str(path))
     data["image"] = EnsureSpatial2D()(data["image"])
     data["pred"] = MetaTensor((data["image"] > 127).float(), meta=dict(data["image"].meta))
-    SaveMaskd(keys="pred", output_dir=str(tmp_path / "out"), save_overlay=True)(data)
+    SaveImageMaskd(keys="pred", output_dir=str(tmp_path / "out"), save_overlay=True)(data)
     written = nib.load(tmp_path / "out" / "scan_mask.nii.gz")
     assert written.shape == shape
     np.testing.assert_allclose(written.affine, AFFINE, atol=1e-5)
@@ -122,7 +159,7 @@ def test_overlay_and_multiclass_png(tmp_path):
     image = data["image"] / 255.0
     data["pred"] = MetaTensor((image[:1] > 0.5).float() * 2, meta=dict(data["image"].meta))
     data["image"] = image
-    SaveMaskd(keys="pred", output_dir=str(tmp_path), png_scale=None, save_overlay=True)(data)
+    SaveImageMaskd(keys="pred", output_dir=str(tmp_path), png_scale=None, save_overlay=True)(data)
     mask = np.asarray(Image.open(tmp_path / "photo_mask.png"))
     assert mask.shape == picture.shape and set(np.unique(mask)) == {0, 2}
     overlay = np.asarray(Image.open(tmp_path / "photo_overlay.png"))
@@ -134,7 +171,7 @@ def test_overlay_and_multiclass_png(tmp_path):
 
 def test_save_mask_rejects_plain_tensors(tmp_path):
     with pytest.raises(TypeError, match="MetaTensor"):
-        SaveMaskd(keys="pred", output_dir=str(tmp_path))({"pred": torch.zeros(1, 4, 4)})
+        SaveImageMaskd(keys="pred", output_dir=str(tmp_path))({"pred": torch.zeros(1, 4, 4)})
 
 
 def test_is_nifti():

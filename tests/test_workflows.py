@@ -110,7 +110,12 @@ def test_configs_agree():
     for key in SHARED_KEYS:
         assert inference[key] == train[key], f"'{key}' differs between train.json and inference.json"
     image = ConfigParser.load_config_file(CONFIGS / "metadata.json")["network_data_format"]["inputs"]["image"]
-    assert image["spatial_shape"] == train["image_size"] and image["num_channels"] == train["in_channels"]
+    assert image["num_channels"] == train["in_channels"]
+    # metadata gives the input size as "<multiple>*n": the network's padding multiple (patch embedding of 4, then one
+    # halving per further stage), which the configured image size must be a multiple of to run without padding
+    size_multiple = 4 * 2 ** (len(train["network_dims"]) - 1)
+    assert image["spatial_shape"] == [f"{size_multiple}*n"] * len(train["image_size"])
+    assert all(size % size_multiple == 0 for size in train["image_size"])
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,9 @@ class KANMultiScaleLoss(nn.Module):
         if mode not in LOSS_MODES:
             raise ValueError(f"mode must be one of {LOSS_MODES}, got {mode!r}.")
         if mode == "fixed" and len(fixed_weights) != num_side_outputs:
-            raise ValueError(f"fixed_weights needs {num_side_outputs} values (one per side output), got {fixed_weights}.")
+            raise ValueError(
+                f"fixed_weights needs {num_side_outputs} values (one per side output), got {fixed_weights}."
+            )
         self.mode = mode
         self.num_side_outputs = num_side_outputs
         binary = out_channels == 1

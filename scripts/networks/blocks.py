@@ -41,7 +41,11 @@ class WCVMBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.ss2d = SS2D(
-            dim, d_state=d_state, wavelet_fusion=wavelet_fusion, wavelet_levels=wavelet_levels, scan_backend=scan_backend
+            dim,
+            d_state=d_state,
+            wavelet_fusion=wavelet_fusion,
+            wavelet_levels=wavelet_levels,
+            scan_backend=scan_backend,
         )
         self.drop_path = DropPath(drop_path)
 

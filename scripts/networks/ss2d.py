@@ -137,7 +137,9 @@ class SS2D(nn.Module):
 
         # Cross-merge: undo the reversals and the transposition, then add the four directions in row-major order.
         y = y[:, :2] + y[:, 2:].flip(-1)
-        y_cols = y[:, 1].reshape(batch, self.d_inner, width, height).transpose(2, 3).reshape(batch, self.d_inner, length)
+        y_cols = (
+            y[:, 1].reshape(batch, self.d_inner, width, height).transpose(2, 3).reshape(batch, self.d_inner, length)
+        )
         y = (y[:, 0] + y_cols).transpose(1, 2).reshape(batch, height, width, self.d_inner)
 
         y = self.out_norm(y.to(z.dtype)) * F.silu(z)

@@ -64,7 +64,8 @@ class VMAMLUNet(nn.Module):
         scan_backend: str = "auto",
     ) -> None:
         super().__init__()
-        dims, depths, depths_decoder, wavelet_levels = list(dims), list(depths), list(depths_decoder), list(wavelet_levels)
+        dims, depths, depths_decoder = list(dims), list(depths), list(depths_decoder)
+        wavelet_levels = list(wavelet_levels)
         num_stages = len(dims)
         if num_stages < 2:
             raise ValueError(f"dims needs at least two stages, got {dims}.")
@@ -102,7 +103,9 @@ class VMAMLUNet(nn.Module):
         for j in range(num_stages):
             level = num_stages - 1 - j
             stage = [PatchExpanding(dims[level + 1])] if j > 0 else []
-            stage += blocks(dims[level], depths_decoder[j], decoder_rates[sum(depths_decoder[:j]) :], wavelet_levels[level])
+            stage += blocks(
+                dims[level], depths_decoder[j], decoder_rates[sum(depths_decoder[:j]) :], wavelet_levels[level]
+            )
             self.decoder.append(nn.Sequential(*stage))
 
         self.final_expand = PatchExpanding(dims[0], scale=4)

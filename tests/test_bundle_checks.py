@@ -5,28 +5,19 @@ and the TorchScript export of a checkpoint; plus inference the way MONAI Deploy'
 runs the bundle's transforms in memory.
 """
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from bundle_test_utils import CONFIGS, REPO, SCHEMA, TINY_NETWORK
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 from monai.data import MetaTensor
 from monai.transforms import Compose
 from monai.utils import ensure_tuple
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
 META_FILE = str(CONFIGS / "metadata.json")
 INFERENCE_FILE = str(CONFIGS / "inference.json")
-SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
-TINY = {
-    "network_dims": [8, 16, 32, 64],
-    "network_depths": [1, 1, 1, 1],
-    "network_depths_decoder": [1, 1, 1, 1],
-    "d_state": 4,
-}
 # MONAI Deploy's MonaiBundleInferenceOperator drops every transform whose class name contains one of these
 DEPLOY_DISALLOWED = ("LoadImage", "SaveImage")
 
@@ -64,7 +55,7 @@ def test_verify_net_in_out(n):
 
 
 def test_ckpt_export_matches_eager(tmp_path):
-    parser = _parser(**TINY)
+    parser = _parser(**TINY_NETWORK)
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def").eval()
     ckpt_file = tmp_path / "model.pt"
@@ -78,7 +69,7 @@ def test_ckpt_export_matches_eager(tmp_path):
         meta_file=META_FILE,
         config_file=INFERENCE_FILE,
         bundle_root=str(REPO),
-        **TINY,
+        **TINY_NETWORK,
     )
     exported = torch.jit.load(str(ts_file), map_location="cpu").eval()
     for size in [(64, 64), (45, 70)]:  # a multiple of 32 and a size the network pads
@@ -96,7 +87,7 @@ def test_deploy_style_inference(shape):
     metadata in a MetaTensor, adds a batch dimension for the inferer, and post-processes the first item of the
     output with the preprocessed inputs, so that ``Invertd`` can restore the original size.
     """
-    parser = _parser(**TINY)
+    parser = _parser(**TINY_NETWORK)
     preprocessing = _deploy_filter(parser.get_parsed_content("preprocessing"))
     postprocessing = _deploy_filter(parser.get_parsed_content("postprocessing"))
     assert not any("Save" in type(t).__name__ for t in postprocessing.transforms), "the mask saver would run"

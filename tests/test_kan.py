@@ -3,6 +3,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from bundle_test_utils import randomise_parameters
 
 from scripts.networks.kan import KANConv2d, KANLinear, b_spline_bases, make_uniform_grid
 
@@ -14,14 +15,6 @@ def _cox_de_boor(x: float, knots: list, i: int, order: int) -> float:
     left = (x - knots[i]) / (knots[i + order] - knots[i]) * _cox_de_boor(x, knots, i, order - 1)
     right = (knots[i + order + 1] - x) / (knots[i + order + 1] - knots[i + 1])
     return left + right * _cox_de_boor(x, knots, i + 1, order - 1)
-
-
-def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
-    # The initial spline coefficients are ~1e-2, too small for a 1e-5 comparison to notice a wrong spline branch.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
 
 
 def test_uniform_grid():
@@ -65,7 +58,7 @@ def _kan_edge(x: torch.Tensor, grid: torch.Tensor, base: torch.Tensor, spline: t
 @pytest.mark.parametrize("leading", [(), (5,), (2, 3)])
 def test_kan_linear_shapes_and_reference(leading):
     layer = KANLinear(4, 3).double()
-    _randomise(layer)
+    randomise_parameters(layer)
     x = 1.5 * torch.randn(*leading, 4, dtype=torch.float64)
     y = layer(x)
     assert y.shape == (*leading, 3)
@@ -113,7 +106,7 @@ def _unfold_reference(conv: KANConv2d, x: torch.Tensor) -> torch.Tensor:
 )
 def test_kan_conv_matches_unfold_reference(size, kernel_size, stride, padding):
     conv = KANConv2d(2, 3, kernel_size=kernel_size, stride=stride, padding=padding).double()
-    _randomise(conv)
+    randomise_parameters(conv)
     x = 1.5 * torch.randn(2, 2, *size, dtype=torch.float64)
     y = conv(x)
     expected = _unfold_reference(conv, x)
@@ -125,7 +118,7 @@ def test_kan_conv_matches_unfold_reference(size, kernel_size, stride, padding):
 
 def test_kan_conv_1x1_equals_kan_linear_per_pixel():
     conv = KANConv2d(3, 2, kernel_size=1)
-    _randomise(conv)
+    randomise_parameters(conv)
     linear = KANLinear(3, 2)
     with torch.no_grad():
         linear.base_weight.copy_(conv.base_weight[:, :, 0, 0])
@@ -149,7 +142,7 @@ def test_kan_conv_parameters_and_gradients():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("module, shape", [(KANLinear(4, 3), (2, 5, 4)), (KANConv2d(2, 3), (2, 2, 7, 9))])
 def test_torchscript_matches_eager(module, shape):
-    _randomise(module)
+    randomise_parameters(module)
     scripted = torch.jit.script(module)
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)

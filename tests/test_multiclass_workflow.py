@@ -5,17 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.bundle import ConfigWorkflow
+from bundle_test_utils import TINY_NETWORK, run_config_workflow
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
 NUM_CLASSES = 3
 TINY = {
-    "network_dims": [8, 16, 32, 64],
-    "network_depths": [1, 1, 1, 1],
-    "network_depths_decoder": [1, 1, 1, 1],
-    "d_state": 4,
+    **TINY_NETWORK,
     "image_size": [32, 32],
     "num_epochs": 1,
     "batch_size": 2,
@@ -43,22 +38,6 @@ def make_dataset(folder: Path, count: int = 6) -> None:
     (folder / "datalist.json").write_text(json.dumps(datalist, indent=4))
 
 
-def run_workflow(config_files: list, workflow_type: str, **overrides) -> ConfigWorkflow:
-    workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in config_files],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        workflow_type=workflow_type,
-        bundle_root=str(REPO),
-        **overrides,
-    )
-    workflow.initialize()
-    assert workflow.check_properties() == []
-    workflow.run()
-    workflow.finalize()
-    return workflow
-
-
 def test_multiclass_train_evaluate_infer(tmp_path):
     data = tmp_path / "data"
     make_dataset(data)
@@ -68,11 +47,11 @@ def test_multiclass_train_evaluate_infer(tmp_path):
         "log_dir": str(tmp_path / "runs"),
         "output_dir": str(tmp_path / "eval"),
     }
-    trainer = run_workflow(["train.json"], "train", **TINY, **paths).trainer
+    trainer = run_config_workflow(["train.json"], "train", **TINY, **paths).trainer
     assert np.isfinite(trainer.state.metrics["train_loss"])
     assert (tmp_path / "models" / "model.pt").is_file()
 
-    run_workflow(["train.json", "evaluate.json"], "eval", **TINY, **paths)
+    run_config_workflow(["train.json", "evaluate.json"], "eval", **TINY, **paths)
     summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
     assert summary["num_images"] == 1
     assert 0.0 <= summary["metrics"]["mean_dice"] <= 1.0
@@ -86,7 +65,7 @@ def test_multiclass_train_evaluate_infer(tmp_path):
     ckpt = tmp_path / "threshold.pt"
     torch.save(threshold_net.state_dict(), ckpt)
     network = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": NUM_CLASSES, "kernel_size": 1}
-    run_workflow(
+    run_config_workflow(
         ["inference.json"],
         "infer",
         dataset_dir=str(data / "images"),

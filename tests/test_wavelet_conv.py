@@ -3,6 +3,7 @@ import io
 import pytest
 import pywt
 import torch
+from bundle_test_utils import randomise_parameters
 
 from scripts.networks.wavelet_conv import (
     WTConv2d,
@@ -11,14 +12,6 @@ from scripts.networks.wavelet_conv import (
     max_wavelet_levels,
     wavelet_transform,
 )
-
-
-def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
-    # The 0.1 / 1.0 initial scales hide mistakes in the wavelet path, so every parameter gets an O(1) value.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
 
 
 def test_transform_matches_pywavelets_dwt2():
@@ -68,7 +61,7 @@ def test_max_wavelet_levels(size, expected):
 
 def test_level_cap_on_small_maps():
     deep = WTConv2d(3, levels=3)
-    _randomise(deep)
+    randomise_parameters(deep)
     one_level = WTConv2d(3, levels=1)
     # A 4x4 map allows one level, so the three-level module must equal a one-level one with the same weights.
     missing, unexpected = one_level.load_state_dict(deep.state_dict(), strict=False)
@@ -153,7 +146,7 @@ def test_gradients_reach_all_parameters():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_torchscript_matches_eager():
     module = WTConv2d(3, kernel_size=3, levels=3)
-    _randomise(module)
+    randomise_parameters(module)
     scripted = torch.jit.script(module)
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)

@@ -15,19 +15,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_test_utils import CONFIGS, REPO, SCHEMA, TINY_NETWORK
 from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
 
 from scripts.datalist import evaluation_split, list_images
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 TINY = {
-    "network_dims": [8, 16, 32, 64],
-    "network_depths": [1, 1, 1, 1],
-    "network_depths_decoder": [1, 1, 1, 1],
-    "d_state": 4,
+    **TINY_NETWORK,
     "image_size": [32, 48],
     "num_epochs": 2,
     "batch_size": 4,

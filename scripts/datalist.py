@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from typing import Sequence
 
 from monai.bundle import ConfigParser
+
+from scripts.transforms import NIFTI_EXTENSIONS
 
 __all__ = ["IMAGE_EXTENSIONS", "evaluation_split", "list_images"]
 
@@ -22,7 +25,8 @@ def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> li
 
     Raises:
         FileNotFoundError: when ``folder`` is not a folder.
-        ValueError: when ``folder`` holds no image with one of ``extensions``.
+        ValueError: when ``folder`` holds no image with one of ``extensions``, or when two images would write the
+            same mask file (``a.png`` and ``a.jpg`` both give ``a_mask.png``), so that no mask overwrites another.
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"the input folder {folder} does not exist or is not a folder.")
@@ -31,7 +35,25 @@ def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> li
     images = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
     if not images:
         raise ValueError(f"the input folder {folder} holds no image with an extension among {list(endings)}.")
+    _check_unique_outputs(images)
     return [{"image": path} for path in images]
+
+
+def _check_unique_outputs(images: Sequence[str]) -> None:
+    """Raise when two images share the name their masks are written under: the stem and the output format."""
+    by_output = defaultdict(list)
+    for path in images:
+        name = os.path.basename(path)
+        nifti_ext = next((e for e in NIFTI_EXTENSIONS[::-1] if name.lower().endswith(e)), None)
+        stem = name[: -len(nifti_ext)] if nifti_ext else os.path.splitext(name)[0]
+        by_output[(stem, nifti_ext or ".png")].append(name)
+    clashes = [names for names in by_output.values() if len(names) > 1]
+    if clashes:
+        listed = "; ".join(" and ".join(names) for names in clashes)
+        raise ValueError(
+            f"these images in {os.path.dirname(images[0])} would write the same mask file: {listed}. "
+            "Rename one of each group."
+        )
 
 
 def evaluation_split(datalist_file: str, preferred: Sequence[str] = ("test", "validation")) -> str:

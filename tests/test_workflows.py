@@ -253,6 +253,24 @@ def test_inference_input_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
         list_images(str(tmp_path / "missing"))
 
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    for name in ("a.png", "a.JPG", "b.png", "b.nii", "b.nii.gz", "c.nii.gz", "c.NII.GZ"):
+        (clash / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="write the same mask file") as error:
+        list_images(str(clash))
+    assert "a.JPG and a.png" in str(error.value) and "c.NII.GZ and c.nii.gz" in str(error.value)
+    assert "b.nii" not in str(error.value), "b.png, b.nii and b.nii.gz write three different files"
+    (clash / "a.JPG").unlink()
+    (clash / "c.NII.GZ").unlink()
+    assert [os.path.basename(item["image"]) for item in list_images(str(clash))] == [
+        "a.png",
+        "b.nii",
+        "b.nii.gz",
+        "b.png",
+        "c.nii.gz",
+    ]
+
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "scan.png").write_text("this is not a PNG")

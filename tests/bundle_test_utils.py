@@ -25,8 +25,8 @@ def randomise_parameters(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
 
 
-def run_config_workflow(config_files: list, workflow_type: str, **overrides) -> ConfigWorkflow:
-    """Initialise, check, run and finalise a ``ConfigWorkflow`` of the bundle's configs, as MONAI applications do."""
+def make_config_workflow(config_files: list, workflow_type: str, **overrides) -> ConfigWorkflow:
+    """An initialised ``ConfigWorkflow`` of the bundle's configs whose required properties are all present."""
     workflow = ConfigWorkflow(
         config_file=[str(CONFIGS / f) for f in config_files],
         meta_file=str(CONFIGS / "metadata.json"),
@@ -37,6 +37,12 @@ def run_config_workflow(config_files: list, workflow_type: str, **overrides) -> 
     )
     workflow.initialize()
     assert workflow.check_properties() == []
+    return workflow
+
+
+def run_config_workflow(config_files: list, workflow_type: str, **overrides) -> ConfigWorkflow:
+    """Initialise, check, run and finalise a ``ConfigWorkflow`` of the bundle's configs, as MONAI applications do."""
+    workflow = make_config_workflow(config_files, workflow_type, **overrides)
     workflow.run()
     workflow.finalize()
     return workflow

@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_test_utils import CONFIGS, REPO, SCHEMA, TINY_NETWORK
-from monai.bundle import ConfigParser, ConfigWorkflow
+from bundle_test_utils import CONFIGS, REPO, SCHEMA, TINY_NETWORK, make_config_workflow, run_config_workflow
+from monai.bundle import ConfigParser
 from PIL import Image
 
 from scripts.datalist import evaluation_split, list_images
@@ -124,16 +124,7 @@ def test_check_properties(trained, files, workflow_type):
         overrides["dataset_dir"] = str(folder / "data" / "images")
     else:
         overrides = json.loads(Path(trained["overrides"]).read_text())
-    workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in files],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        workflow_type=workflow_type,
-        bundle_root=str(REPO),
-        **overrides,
-    )
-    workflow.initialize()
-    assert workflow.check_properties() == []
+    make_config_workflow(files, workflow_type, **overrides)
 
 
 def test_training(trained):
@@ -170,19 +161,9 @@ def test_evaluation_split_falls_back_to_validation(tmp_path):
 def _inference(folder: Path, dataset_dir: Path, **overrides) -> Path:
     """Run inference.json in this process; returns the output folder."""
     output_dir = folder / "predictions"
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference.json"),
-        logging_file=False,
-        workflow_type="infer",
-        bundle_root=str(REPO),
-        dataset_dir=str(dataset_dir),
-        output_dir=str(output_dir),
-        **overrides,
+    run_config_workflow(
+        ["inference.json"], "infer", dataset_dir=str(dataset_dir), output_dir=str(output_dir), **overrides
     )
-    workflow.initialize()
-    assert workflow.check_properties() == []
-    workflow.run()
-    workflow.finalize()
     return output_dir
 
 
@@ -289,17 +270,7 @@ def test_inference_input_errors(tmp_path):
 def test_training_without_side_heads(tmp_path):
     """Plain VM-UNet training: no side heads, loss mode none; the trainer sees plain logits."""
     overrides = json.loads(Path(_overrides(tmp_path, num_epochs=1, kan_side_heads=False, loss_mode="none")).read_text())
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "train.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        workflow_type="train",
-        bundle_root=str(REPO),
-        **overrides,
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    workflow = run_config_workflow(["train.json"], "train", **overrides)
     assert (tmp_path / "models" / "model.pt").is_file()
     assert workflow.trainer.state.metrics["train_loss"] > 0
 

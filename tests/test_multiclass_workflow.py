@@ -55,6 +55,7 @@ def test_multiclass_train_evaluate_infer(tmp_path):
     summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
     assert summary["num_images"] == 1
     assert 0.0 <= summary["metrics"]["mean_dice"] <= 1.0
+    assert 0.0 <= summary["metrics"]["ukan_iou"] <= summary["metrics"]["ukan_f1"] <= 1.0
 
     # Inference with a 1x1 convolution as the network, so the expected classes are known: after intensity scaling
     # the bright square is near 1 (class 1), the dark square near 0 (class 2), the background in between.

@@ -143,8 +143,10 @@ def test_evaluation(trained):
     _bundle(["run", "evaluating", "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", files])
     summary = json.loads((folder / "eval" / "metrics_summary.json").read_text())
     assert summary["num_images"] == TINY["synthetic_num_images"][2], "the test split is evaluated"
-    assert set(summary["metrics"]) == {"mean_iou", "mean_dice", "precision", "recall", "hd95"}
-    assert 0.0 <= summary["metrics"]["mean_dice"] <= 1.0
+    metrics = summary["metrics"]
+    assert set(metrics) == {"mean_iou", "mean_dice", "precision", "recall", "hd95", "ukan_iou", "ukan_f1"}
+    assert 0.0 <= metrics["mean_dice"] <= 1.0
+    assert 0.0 <= metrics["ukan_iou"] <= metrics["ukan_f1"] <= 1.0, "F1 = 2 IoU / (IoU + 1) is never below IoU"
     rows = (folder / "eval" / "mean_dice_raw.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + TINY["synthetic_num_images"][2] and "test_000.png" in rows[1]
 

@@ -1,4 +1,7 @@
-"""Datalists for the bundle's workflows: the images of an inference folder, the split to evaluate."""
+"""
+Datalists for the bundle's workflows: a data set's lists, kept inside its folder; the images of an inference
+folder; the split to evaluate.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,53 @@ from collections import defaultdict
 from typing import Sequence
 
 from monai.bundle import ConfigParser
+from monai.data import load_decathlon_datalist
 
+from scripts.integrity import is_outside
 from scripts.transforms import NIFTI_EXTENSIONS
 
-__all__ = ["IMAGE_EXTENSIONS", "evaluation_split", "list_images"]
+__all__ = ["IMAGE_EXTENSIONS", "PATH_KEYS", "evaluation_split", "list_images", "load_datalist"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz")
+# the item keys whose paths MONAI's load_decathlon_datalist joins to the base folder
+PATH_KEYS = ("image", "label")
+
+
+def load_datalist(
+    datalist_file: str, data_list_key: str = "training", base_dir: str | None = None, allow_outside: bool = False
+) -> list[dict]:
+    """
+    MONAI's ``load_decathlon_datalist(datalist_file, True, data_list_key, base_dir)``, which refuses entries that
+    leave the data set folder.
+
+    A relative ``image`` or ``label`` entry must stay inside ``base_dir`` once joined to it (``images/a.png``, not
+    ``../../etc/a.png``), so that a datalist received with a data set cannot make a workflow read files elsewhere.
+    Absolute entries are accepted: writing one is a deliberate choice. ``allow_outside`` lifts the rule.
+
+    Args:
+        datalist_file: the datalist JSON file (MONAI decathlon format).
+        data_list_key: the list to load, e.g. ``training``, ``validation``, ``test``.
+        base_dir: the folder that relative entries are relative to; default: the datalist's folder.
+        allow_outside: accept relative entries that leave ``base_dir``.
+
+    Raises:
+        ValueError: naming the datalist file, the list, the item and the entry that leaves ``base_dir``; and as
+            MONAI's loader raises, when the file lacks ``data_list_key``.
+    """
+    base_dir = os.path.dirname(datalist_file) if base_dir is None else base_dir
+    if not allow_outside:
+        datalist = ConfigParser.load_config_file(datalist_file)
+        for index, item in enumerate(datalist.get(data_list_key) or []):
+            for key in PATH_KEYS:
+                entries = item.get(key) if isinstance(item, dict) else None
+                for entry in [entries] if isinstance(entries, str) else entries or []:
+                    if isinstance(entry, str) and is_outside(entry, base_dir):
+                        raise ValueError(
+                            f"{datalist_file}: item {index} of '{data_list_key}' has the {key} '{entry}', which is "
+                            f"outside the data set folder {base_dir}. Write it relative to that folder, give an "
+                            "absolute path, or set allow_outside to accept it."
+                        )
+    return load_decathlon_datalist(datalist_file, True, data_list_key, base_dir)
 
 
 def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[dict[str, str]]:

@@ -2,8 +2,8 @@
 Integrity checks of image/mask pairs: reading, mask binarisation, and the problems that must stop a preparation.
 
 Every problem is an :class:`Issue` that names the file and says what is wrong. Errors (unreadable or empty files,
-missing masks, size mismatches, masks that are not binary) stop a preparation; infos (a mask without foreground,
-normal for BUSI's ``normal`` class) are only logged.
+missing masks, size mismatches, masks that are not binary, datalist entries outside the data set folder) stop a
+preparation; infos (a mask without foreground, normal for BUSI's ``normal`` class) are only logged.
 """
 
 from __future__ import annotations
@@ -24,15 +24,19 @@ __all__ = [
     "check_dataset",
     "errors",
     "intermediate_fraction",
+    "is_outside",
     "load_pair",
     "mask_values",
     "read_picture",
+    "to_rgb",
 ]
 
 ERROR, INFO = "error", "info"
 # a binary mask may have a few intermediate values (JPEG artefacts, anti-aliased edges); more than this fraction
 # of pixels strictly between 10% and 90% of the mask's range means it is no binary mask (e.g. an image saved as mask)
 INTERMEDIATE_LIMIT = 0.01
+# Pillow modes of more than 8 bits per pixel, which its RGB conversion clips at 255 instead of scaling
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,38 @@ def read_picture(path: str) -> Image.Image:
     try:
         picture = Image.open(path)
         picture.load()
-    except (OSError, SyntaxError, ValueError) as error:  # Pillow raises all three for damaged files
+    except PermissionError as error:
+        raise ValueError("cannot be read (permission denied)") from error
+    # Pillow raises the first three for damaged files, the last for a picture too large to be safely decoded
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"unreadable image ({error})") from error
     return picture
+
+
+def to_rgb(picture: Image.Image) -> Image.Image:
+    """
+    The picture as 8-bit RGB. Alpha is dropped, palettes are applied, and pictures of more than 8 bits per pixel
+    (16-bit PNG, 32-bit TIFF) are scaled from their own minimum and maximum to 0..255, which Pillow would clip.
+    """
+    if picture.mode in WIDE_MODES:
+        values = np.asarray(picture, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        picture = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+    return picture.convert("RGB")
+
+
+def is_outside(entry: str, folder: str) -> bool:
+    """
+    Whether a datalist entry leaves ``folder``: a relative path that, joined to ``folder`` and normalised, is not
+    inside it (``../other/x.png``). Absolute paths are never outside: writing one is a deliberate choice. Symbolic
+    links inside ``folder`` are not followed, so a data set may link to files kept elsewhere.
+    """
+    if os.path.isabs(entry):
+        return False
+    base = os.path.normpath(os.path.abspath(folder))
+    path = os.path.normpath(os.path.join(base, entry))
+    return os.path.commonpath([base, path]) != base
 
 
 def mask_values(picture: Image.Image, palette_indices: bool = False) -> np.ndarray:
@@ -187,15 +220,16 @@ def load_pair(
         return None, None, issues
     if not label.any():
         issues.append(Issue(image, "empty mask (no foreground)", INFO))
-    return picture.convert("RGB"), label, issues
+    return to_rgb(picture), label, issues
 
 
 def check_dataset(dataset_dir: str) -> list[Issue]:
     """
     Check a prepared data set: its ``datalist.json`` and every pair it lists.
 
-    Each listed image and label must exist, be readable and of equal size, each label must be a single-channel
-    0/255 mask, and no image may be listed twice (within or across the lists).
+    Each listed image and label must be inside ``dataset_dir`` (see :func:`is_outside`), exist, be readable and of
+    equal size, each label must be a single-channel 0/255 mask, and no image may be listed twice (within or across
+    the lists).
 
     Returns:
         all issues found (errors and infos).
@@ -214,6 +248,12 @@ def check_dataset(dataset_dir: str) -> list[Issue]:
         for item in datalist.get(split, []):
             if "image" not in item or "label" not in item:
                 issues.append(Issue(datalist_file, f"an item of '{split}' lacks 'image' or 'label': {item}"))
+                continue
+            outside = [item[key] for key in ("image", "label") if is_outside(item[key], dataset_dir)]
+            issues.extend(
+                Issue(datalist_file, f"the '{split}' entry {entry} is outside {dataset_dir}") for entry in outside
+            )
+            if outside:
                 continue
             image = os.path.join(dataset_dir, item["image"])
             label = os.path.join(dataset_dir, item["label"])

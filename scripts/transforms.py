@@ -1,10 +1,11 @@
 """
 Bundle transforms that MONAI lacks: channel-first for in-memory pictures, 2D squeezing, channel-count conversion,
-mask binarisation, mask saving.
+rejection of NaN and infinite values, mask binarisation, mask saving.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Hashable, Mapping
 
 import numpy as np
@@ -14,7 +15,11 @@ from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirst, MapTransform, SaveImage, Transform
 from monai.utils import MetaKeys
 
+from scripts.integrity import INTERMEDIATE_LIMIT, intermediate_fraction
+
 __all__ = [
+    "CheckFinite",
+    "CheckFinited",
     "EnsureChannelFirst2D",
     "EnsureChannelFirst2Dd",
     "EnsureChannels",
@@ -28,6 +33,8 @@ __all__ = [
 ]
 
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+
+logger = logging.getLogger(__name__)
 
 
 def is_nifti(filename: str) -> bool:
@@ -100,12 +107,16 @@ class EnsureChannels(Transform):
 
     Args:
         num_channels: channels the network takes.
+        expand_grey: repeat grey to make RGB. ``False`` leaves a grey image grey, for a pipeline that repeats it
+            later, after resizing: repeating commutes with intensity scaling and resizing, and costs three times
+            less memory on a small image than on a large one.
     """
 
-    def __init__(self, num_channels: int = 3) -> None:
+    def __init__(self, num_channels: int = 3, expand_grey: bool = True) -> None:
         if num_channels < 1:
             raise ValueError(f"num_channels must be positive, got {num_channels}.")
         self.num_channels = num_channels
+        self.expand_grey = expand_grey
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         channels = img.shape[0]
@@ -117,7 +128,7 @@ class EnsureChannels(Transform):
         if channels == self.num_channels:
             return img
         if channels == 1 and self.num_channels == 3:
-            return img.repeat(3, *([1] * (img.ndim - 1)))
+            return img.repeat(3, *([1] * (img.ndim - 1))) if self.expand_grey else img
         if channels == 3 and self.num_channels == 1:
             return img.mean(dim=0, keepdim=True)
         raise ValueError(
@@ -125,16 +136,48 @@ class EnsureChannels(Transform):
         )
 
 
+class CheckFinite(Transform):
+    """
+    Reject an image that holds NaN or infinite values.
+
+    One such value makes ``ScaleIntensity`` turn the whole image into NaN or zeros, and the network then writes an
+    empty mask without any error; this check runs right after loading, before a resize could skip the value.
+
+    Raises:
+        ValueError: naming the file and the number of NaN and infinite values.
+    """
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        # a NaN or infinity makes the sum non-finite; the sum needs no image-sized temporary, unlike isfinite
+        if not torch.is_floating_point(img) or bool(torch.isfinite(img.sum())):
+            return img
+        num_nan = int(torch.isnan(img).sum())
+        num_inf = int(torch.isinf(img).sum())
+        if num_nan or num_inf:  # otherwise the sum of finite values overflowed
+            raise ValueError(
+                f"{_source(img)}: the image holds {num_nan} NaN and {num_inf} infinite value(s); "
+                "replace them (e.g. by the background value) before using the file."
+            )
+        return img
+
+
 class MaskToLabel(Transform):
     """
     Turn a loaded mask into a one-channel label: 0/1 for binary segmentation, class indices otherwise.
 
     Binary masks may be stored as 0/1 (1-bit PNG, NIfTI) or 0/255 (8-bit PNG, JPEG with compression noise):
-    foreground is a value above half of 1 or of 255, whichever range the mask uses, in any channel (RGB masks).
-    Multi-class masks keep their first channel, rounded to the nearest class index.
+    foreground is a value above half of 1 or of 255, whichever range the mask uses, in any colour channel (RGB
+    masks; the alpha channel of grey + alpha and RGBA masks is ignored). A binary mask with more intermediate values
+    than data preparation allows (:data:`scripts.integrity.INTERMEDIATE_LIMIT`) is rejected, as it is likely an
+    image saved as a mask; a mask without foreground is logged. Multi-class masks keep their first channel, rounded
+    to the nearest class index.
 
     Args:
         num_classes: output channels of the network: 1 for binary segmentation, else the number of classes.
+
+    Raises:
+        ValueError: naming the file, for a binary mask that is not binary or a multi-class mask with values that
+            are not class indices.
     """
 
     def __init__(self, num_classes: int = 1) -> None:
@@ -149,9 +192,34 @@ class MaskToLabel(Transform):
                     f"got the range [{label.min().item()}, {label.max().item()}]."
                 )
             return label
-        foreground = mask.amax(dim=0, keepdim=True)
+        colour = mask[: mask.shape[0] - 1] if mask.shape[0] in (2, 4) else mask
+        foreground = colour.amax(dim=0, keepdim=True)
+        values = foreground.detach().cpu().numpy()
+        fraction = intermediate_fraction(values)
+        if fraction > INTERMEDIATE_LIMIT:
+            raise ValueError(
+                f"{_source(mask)}: not a binary mask: {fraction:.1%} of its pixels are strictly between 10% and 90% "
+                f"of its range (limit {INTERMEDIATE_LIMIT:.0%})."
+            )
         threshold = 127.5 if foreground.numel() and foreground.max() > 1 else 0.5
-        return (foreground > threshold).to(torch.float32)
+        label = (foreground > threshold).to(torch.float32)
+        if not bool(label.any()):
+            logger.info(f"{_source(mask)}: the mask has no foreground.")
+        return label
+
+
+class CheckFinited(MapTransform):
+    """Dictionary version of :class:`CheckFinite`."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.checker = CheckFinite()
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.checker(d[key])
+        return d
 
 
 class EnsureChannelFirst2Dd(MapTransform):
@@ -185,9 +253,11 @@ class EnsureSpatial2Dd(MapTransform):
 class EnsureChannelsd(MapTransform):
     """Dictionary version of :class:`EnsureChannels`."""
 
-    def __init__(self, keys: KeysCollection, num_channels: int = 3, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, num_channels: int = 3, expand_grey: bool = True, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.converter = EnsureChannels(num_channels)
+        self.converter = EnsureChannels(num_channels, expand_grey)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -197,15 +267,37 @@ class EnsureChannelsd(MapTransform):
 
 
 class MaskToLabeld(MapTransform):
-    """Dictionary version of :class:`MaskToLabel`."""
+    """
+    Dictionary version of :class:`MaskToLabel`, which also checks that each mask has its image's size.
 
-    def __init__(self, keys: KeysCollection, num_classes: int = 1, allow_missing_keys: bool = False) -> None:
+    Args:
+        keys: the mask key(s).
+        num_classes: see :class:`MaskToLabel`.
+        image_key: the image the masks belong to; when the data holds it, a mask whose spatial shape differs from
+            the image's raises a ``ValueError`` naming both files. ``None`` skips the check.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        num_classes: int = 1,
+        image_key: str | None = "image",
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.converter = MaskToLabel(num_classes)
+        self.image_key = image_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
+        image = d.get(self.image_key) if self.image_key is not None else None
         for key in self.key_iterator(d):
+            if image is not None and tuple(d[key].shape[1:]) != tuple(image.shape[1:]):
+                raise ValueError(
+                    f"{_source(d[key])}: the mask's spatial shape {tuple(d[key].shape[1:])} differs from the "
+                    f"image's {tuple(image.shape[1:])} ({_source(image)})."
+                )
             d[key] = self.converter(d[key])
         return d
 

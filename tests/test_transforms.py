@@ -12,11 +12,13 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
 from scripts.transforms import (
+    CheckFinite,
     EnsureChannelFirst2D,
     EnsureChannels,
     EnsureSpatial2D,
     EnsureSpatial2Dd,
     MaskToLabel,
+    MaskToLabeld,
     SaveImageMaskd,
     is_nifti,
 )
@@ -102,7 +104,7 @@ def test_ensure_spatial_2d_squeezes_one_slice_volumes_and_keeps_the_affine():
     [
         (torch.tensor([[[0.0, 255.0], [255.0, 0.0]]]), [[0, 1], [1, 0]]),
         (torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]), [[0, 1], [1, 0]]),
-        (torch.tensor([[[3.0, 250.0], [130.0, 120.0]]]), [[0, 1], [1, 0]]),  # JPEG noise around 0 and 255
+        (torch.tensor([[[3.0, 250.0], [252.0, 6.0]]]), [[0, 1], [1, 0]]),  # JPEG noise around 0 and 255
         (torch.tensor([[[0.0, 0.0], [255.0, 0.0]]]).repeat(3, 1, 1), [[0, 0], [1, 0]]),  # RGB mask
         (torch.zeros(1, 2, 2), [[0, 0], [0, 0]]),
     ],
@@ -111,6 +113,57 @@ def test_mask_to_label_binary(mask, expected):
     label = MaskToLabel(1)(mask)
     assert label.shape == (1, 2, 2) and label.dtype == torch.float32
     np.testing.assert_array_equal(label[0].numpy(), expected)
+
+
+def test_mask_to_label_threshold_between_jpeg_noise():
+    """Values above half the range are foreground; a few intermediate values (JPEG edges) are accepted."""
+    mask = torch.zeros(1, 20, 20)
+    mask[0, :10] = 255.0
+    mask[0, 10, :3] = torch.tensor([130.0, 120.0, 200.0])
+    label = MaskToLabel(1)(mask)
+    assert label[0, :10].all() and not label[0, 11:].any()
+    assert label[0, 10, :3].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_mask_to_label_rejects_non_binary_masks_and_ignores_alpha(caplog):
+    ramp = MetaTensor(torch.linspace(0, 255, 100).reshape(1, 10, 10), meta={"filename_or_obj": "/data/ramp.png"})
+    with pytest.raises(ValueError, match="ramp.png: not a binary mask"):
+        MaskToLabel(1)(ramp)
+    rgba = torch.zeros(4, 6, 6)
+    rgba[3] = 255.0  # opaque alpha
+    rgba[:3, :2] = 255.0
+    label = MaskToLabel(1)(rgba)
+    assert label[0, :2].all() and not label[0, 2:].any(), "alpha is no foreground"
+    with caplog.at_level("INFO", logger="scripts.transforms"):
+        MaskToLabel(1)(MetaTensor(torch.zeros(1, 4, 4), meta={"filename_or_obj": "/data/empty.png"}))
+    assert "empty.png: the mask has no foreground" in caplog.text
+
+
+def test_mask_to_labeld_checks_the_image_size():
+    image = MetaTensor(torch.rand(3, 8, 6), meta={"filename_or_obj": "img.png"})
+    mask = MetaTensor(torch.zeros(1, 8, 5), meta={"filename_or_obj": "mask.png"})
+    with pytest.raises(ValueError, match=r"mask.png: the mask's spatial shape \(8, 5\) differs .*\(8, 6\) \(img.png\)"):
+        MaskToLabeld(keys="label")({"image": image, "label": mask})
+    out = MaskToLabeld(keys="label", image_key=None)({"image": image, "label": mask})
+    assert out["label"].shape == (1, 8, 5)
+
+
+@pytest.mark.parametrize(
+    "bad,counts", [(float("nan"), "1 NaN and 0 infinite"), (float("-inf"), "0 NaN and 1 infinite")]
+)
+def test_check_finite(bad, counts):
+    image = torch.rand(1, 5, 5)
+    assert CheckFinite()(image) is image
+    assert CheckFinite()(torch.full((2, 2), 3e38)) is not None, "an overflowing sum of finite values is accepted"
+    image[0, 2, 3] = bad
+    with pytest.raises(ValueError, match=f"scan.nii: the image holds {counts}"):
+        CheckFinite()(MetaTensor(image, meta={"filename_or_obj": "scan.nii"}))
+
+
+def test_ensure_channels_can_leave_grey_for_later():
+    grey = torch.rand(1, 4, 5)
+    assert EnsureChannels(3, expand_grey=False)(grey) is grey
+    np.testing.assert_allclose(EnsureChannels(3, expand_grey=False)(torch.rand(4, 4, 5)).shape, (3, 4, 5))
 
 
 def test_mask_to_label_multiclass():

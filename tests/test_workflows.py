@@ -285,6 +285,6 @@ def test_multi_process_training(tmp_path):
     result = _bundle(["run", "training", "--config_file", files], launcher=launcher)
     log = result.stdout + result.stderr
     assert "rank 0 of 2 trains on cpu" in log and "rank 1 of 2 trains on cpu" in log
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pt"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint.pt", "model.pt"]
     assert len(list((tmp_path / "runs").glob("events.out.tfevents.*"))) == 1, "only rank 0 writes TensorBoard logs"
     assert log.count("Epoch[2] Metrics -- train_loss") == 1, "only rank 0 logs the metrics"

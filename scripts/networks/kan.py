@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 
 __all__ = ["make_uniform_grid", "b_spline_bases", "KANLinear", "KANConv2d"]
 

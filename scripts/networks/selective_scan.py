@@ -20,7 +20,7 @@ import logging
 from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 __all__ = ["selective_scan"]
@@ -38,10 +38,10 @@ def _chunk_size() -> int:
 def _validate(
     u: Tensor,
     delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor],
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    d: Optional[Tensor],
     delta_bias: Optional[Tensor],
     backend: str,
 ) -> None:
@@ -52,40 +52,40 @@ def _validate(
     batch, dim, length = u.shape[0], u.shape[1], u.shape[2]
     if delta.shape != u.shape:
         raise ValueError(f"delta must have the shape of u {list(u.shape)}, got {list(delta.shape)}.")
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"A must have shape (dim={dim}, N), got {list(A.shape)}.")
-    d_state = A.shape[1]
-    if B.dim() != 4 or B.shape[0] != batch or B.shape[2] != d_state or B.shape[3] != length:
-        raise ValueError(f"B must have shape (batch={batch}, groups, N={d_state}, L={length}), got {list(B.shape)}.")
-    groups = B.shape[1]
+    if a.dim() != 2 or a.shape[0] != dim:
+        raise ValueError(f"A must have shape (dim={dim}, N), got {list(a.shape)}.")
+    d_state = a.shape[1]
+    if b.dim() != 4 or b.shape[0] != batch or b.shape[2] != d_state or b.shape[3] != length:
+        raise ValueError(f"B must have shape (batch={batch}, groups, N={d_state}, L={length}), got {list(b.shape)}.")
+    groups = b.shape[1]
     if groups == 0 or dim % groups != 0:
         raise ValueError(f"the number of groups of B and C ({groups}) must divide dim={dim}.")
-    if C.shape != B.shape:
-        raise ValueError(f"C must have the shape of B {list(B.shape)}, got {list(C.shape)}.")
-    if D is not None and (D.dim() != 1 or D.shape[0] != dim):
-        raise ValueError(f"D must have shape (dim={dim},), got {list(D.shape)}.")
+    if c.shape != b.shape:
+        raise ValueError(f"C must have the shape of B {list(b.shape)}, got {list(c.shape)}.")
+    if d is not None and (d.dim() != 1 or d.shape[0] != dim):
+        raise ValueError(f"D must have shape (dim={dim},), got {list(d.shape)}.")
     if delta_bias is not None and (delta_bias.dim() != 1 or delta_bias.shape[0] != dim):
         raise ValueError(f"delta_bias must have shape (dim={dim},), got {list(delta_bias.shape)}.")
     if not (
         u.is_floating_point()
         and delta.is_floating_point()
-        and A.is_floating_point()
-        and B.is_floating_point()
-        and C.is_floating_point()
-        and (D is None or D.is_floating_point())
+        and a.is_floating_point()
+        and b.is_floating_point()
+        and c.is_floating_point()
+        and (d is None or d.is_floating_point())
         and (delta_bias is None or delta_bias.is_floating_point())
     ):
         raise ValueError("all inputs of selective_scan must be real floating-point tensors (complex A is unsupported).")
 
 
 def _compute_dtype(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor]
+    u: Tensor, delta: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Optional[Tensor], delta_bias: Optional[Tensor]
 ) -> torch.dtype:
     # float32 accumulation like mamba-ssm for 16-bit and 32-bit inputs; float64 as soon as any input is float64 so
     # that gradcheck and float64 references see float64 arithmetic throughout.
-    tensors: List[Tensor] = [u, delta, A, B, C]
-    if D is not None:
-        tensors.append(D)
+    tensors: List[Tensor] = [u, delta, a, b, c]
+    if d is not None:
+        tensors.append(d)
     if delta_bias is not None:
         tensors.append(delta_bias)
     for t in tensors:
@@ -94,12 +94,40 @@ def _compute_dtype(
     return torch.float32
 
 
-def _gather_chunk(src: Tensor, start: int, steps: int, staging: Tensor, buf: Tensor) -> Tensor:
-    """Copy ``src[..., start:start + steps]`` into ``buf[:steps]`` with time as the leading dimension.
+def _log2_e() -> float:
+    # exp(x) = exp2(x * log2(e)): torch's vectorised exp2 is several times faster than its exp on CPU, and the decays
+    # are the scan's only transcendental. A function for TorchScript, as _chunk_size.
+    return 1.4426950408889634
 
-    The copy goes through a contiguous staging slice: two cache-friendly copies are several times faster than one
-    strided transposing copy from the long time axis.
+
+def _decays(dt_g: Tensor, a_r2: Tensor, out: Tensor) -> Tensor:
+    """``exp(dt * A)`` into ``out``, with ``a_r2 = A * log2(e)`` in the states' layout and ``dt_g`` broadcast to it."""
+    return torch.exp2(torch.mul(dt_g, a_r2, out=out), out=out)
+
+
+def _is_time_major(t: Tensor) -> bool:
+    """Whether ``t`` (..., L) is laid out with time outermost in memory, i.e. ``t.movedim(-1, 0)`` is contiguous."""
+    return t.movedim(-1, 0).is_contiguous()
+
+
+def _empty_like_layout(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialised tensor of the shape of ``t`` (..., L): time-major like ``t`` if ``t`` is, else contiguous."""
+    if _is_time_major(t):
+        shape = [t.shape[-1]] + list(t.shape[:-1])
+        return torch.empty(shape, dtype=dtype, device=t.device).movedim(0, -1)
+    return torch.empty(t.shape, dtype=dtype, device=t.device)
+
+
+def _gather_chunk(src: Tensor, start: int, steps: int, staging: Tensor, buf: Tensor) -> Tensor:
+    """``src[..., start:start + steps]`` with time as the leading dimension, contiguous and of the dtype of ``buf``.
+
+    A time-major ``src`` of that dtype is read in place (a view: callers must not write to the chunk). Otherwise the
+    chunk is copied into ``buf[:steps]`` through a contiguous staging slice: two cache-friendly copies are several
+    times faster than one strided transposing copy from the long time axis.
     """
+    chunk = src.narrow(-1, start, steps).movedim(-1, 0)
+    if src.dtype == buf.dtype and chunk.is_contiguous():
+        return chunk
     shape = list(src.shape[:-1]) + [steps]
     stage = staging[: src.numel() // src.shape[-1] * steps].view(shape)
     stage.copy_(src.narrow(-1, start, steps))
@@ -109,19 +137,18 @@ def _gather_chunk(src: Tensor, start: int, steps: int, staging: Tensor, buf: Ten
 
 
 def _step_sizes(delta_c: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
-    """Return ``(x, dt)`` for a gathered chunk of delta: ``x = delta + delta_bias``, in place, and ``softplus(x)``."""
-    if delta_bias is not None:
-        delta_c.add_(delta_bias)
-    return delta_c, F.softplus(delta_c) if delta_softplus else delta_c
+    """Return ``(x, dt)`` for a gathered chunk of delta: ``x = delta + delta_bias`` and ``dt = softplus(x)``."""
+    x = delta_c + delta_bias if delta_bias is not None else delta_c
+    return x, F.softplus(x) if delta_softplus else x
 
 
 def _scan_forward(
     u: Tensor,
     delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor],
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    d: Optional[Tensor],
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     dtype: torch.dtype,
@@ -130,12 +157,13 @@ def _scan_forward(
 ) -> Tuple[Tensor, Tensor]:
     """Chunked forward scan. Inputs as in :func:`selective_scan`, arithmetic in ``dtype``.
 
-    Returns the output ``(batch, dim, L)`` in ``out_dtype`` and the states entering each chunk,
+    Returns the output ``(batch, dim, L)`` in ``out_dtype``, time-major in memory if ``u`` is and contiguous
+    otherwise, and the states entering each chunk,
     ``(num_chunks, batch, groups, N, dim // groups)``, or an empty tensor when ``save_checkpoints`` is False.
     Updates buffers in place, so it is not differentiable by autograd.
     """
     batch, dim, length = u.shape[0], u.shape[1], u.shape[2]
-    groups, d_state = B.shape[1], B.shape[2]
+    groups, d_state = b.shape[1], b.shape[2]
     per_group = dim // groups
     chunk_size = _chunk_size()
     chunk = min(length, chunk_size)
@@ -144,11 +172,11 @@ def _scan_forward(
 
     # States are kept as (batch, groups, N, dim // groups): the contraction with C over N is then a row-vector times
     # matrix product, which batched matmul does at memory speed (the (.., dim, N) layout is several times slower).
-    A_r = A.to(dtype).view(groups, per_group, d_state).transpose(1, 2).contiguous()
+    a_r2 = a.to(dtype).view(groups, per_group, d_state).transpose(1, 2).contiguous() * _log2_e()
     bias = delta_bias.to(dtype) if delta_bias is not None else None
-    D_c = D.to(dtype) if D is not None else None
+    d_c = d.to(dtype) if d is not None else None
 
-    out = torch.empty((batch, dim, length), dtype=out_dtype, device=u.device)
+    out = _empty_like_layout(u, out_dtype)
     checkpoints = u.new_empty((num_chunks if save_checkpoints else 0, batch, groups, d_state, per_group), dtype=dtype)
     h = u.new_zeros((batch, groups, d_state, per_group), dtype=dtype)
     # One staging area serves every gathered chunk: (batch, dim) slices of u, delta, dy and (batch, groups, N) of B, C.
@@ -156,8 +184,8 @@ def _scan_forward(
     u_buf = u.new_empty((chunk, batch, dim), dtype=dtype)
     dt_buf = torch.empty_like(u_buf)
     y_buf = torch.empty_like(u_buf)
-    B_buf = u.new_empty((chunk, batch, groups, d_state), dtype=dtype)
-    C_buf = torch.empty_like(B_buf)
+    b_buf = u.new_empty((chunk, batch, groups, d_state), dtype=dtype)
+    c_buf = torch.empty_like(b_buf)
     decay_buf = u.new_empty((chunk, batch, groups, d_state, per_group), dtype=dtype)
     state_buf = torch.empty_like(decay_buf)
 
@@ -169,15 +197,15 @@ def _scan_forward(
             checkpoints[k].copy_(h)
         u_c = _gather_chunk(u, start, steps, staging, u_buf)
         _, dt_c = _step_sizes(_gather_chunk(delta, start, steps, staging, dt_buf), bias, delta_softplus)
-        B_c = _gather_chunk(B, start, steps, staging, B_buf)
-        C_c = _gather_chunk(C, start, steps, staging, C_buf)
+        b_c = _gather_chunk(b, start, steps, staging, b_buf)
+        c_c = _gather_chunk(c, start, steps, staging, c_buf)
 
         dt_g = dt_c.view(steps, batch, groups, 1, per_group)
-        decay = torch.mul(dt_g, A_r, out=decay_buf[:steps]).exp_()
+        decay = _decays(dt_g, a_r2, decay_buf[:steps])
         # The input term dt * u * B goes straight into the state buffer, which the loop then turns into states.
         states = torch.mul(
             (dt_c * u_c).view(steps, batch, groups, 1, per_group),
-            B_c.view(steps, batch, groups, d_state, 1),
+            b_c.view(steps, batch, groups, d_state, 1),
             out=state_buf[:steps],
         )
         decay_steps = decay.unbind(0)
@@ -187,11 +215,15 @@ def _scan_forward(
             state_steps[i].addcmul_(decay_steps[i], state_steps[i - 1])
         h.copy_(state_steps[steps - 1])
 
-        y_c = y_buf[:steps]
-        torch.bmm(C_c.view(n, 1, d_state), states.view(n, d_state, per_group), out=y_c.view(n, 1, per_group))
-        if D_c is not None:
-            y_c.addcmul_(u_c, D_c)
-        out.narrow(-1, start, steps).copy_(y_c.movedim(0, -1))
+        # A time-major output of the compute dtype takes the chunk's result in place.
+        out_c = out.narrow(-1, start, steps).movedim(-1, 0)
+        direct = out_dtype == dtype and out_c.is_contiguous()
+        y_c = out_c if direct else y_buf[:steps]
+        torch.bmm(c_c.view(n, 1, d_state), states.view(n, d_state, per_group), out=y_c.view(n, 1, per_group))
+        if d_c is not None:
+            y_c.addcmul_(u_c, d_c)
+        if not direct:
+            out_c.copy_(y_c)
     return out, checkpoints
 
 
@@ -199,10 +231,10 @@ def _scan_backward(
     grad_y: Tensor,
     u: Tensor,
     delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor],
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    d: Optional[Tensor],
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     checkpoints: Tensor,
@@ -216,26 +248,27 @@ def _scan_backward(
     Per chunk, the states are recomputed from the checkpoint and the adjoint recurrence is run backwards; everything
     else is vectorised over the chunk. Gradients are written in the layout and dtype of the inputs.
     """
-    need_u, need_delta, need_A, need_B, need_C, need_D, need_bias = needs_grad
+    need_u, need_delta, need_a, need_b, need_c, need_d, need_bias = needs_grad
     need_dt = need_delta or need_bias
     dtype = checkpoints.dtype
     batch, dim, length = u.shape[0], u.shape[1], u.shape[2]
-    groups, d_state = B.shape[1], B.shape[2]
+    groups, d_state = b.shape[1], b.shape[2]
     per_group = dim // groups
     chunk_size = _chunk_size()
     chunk = min(length, chunk_size)
     rows = batch * groups
 
-    A_r = A.to(dtype).view(groups, per_group, d_state).transpose(1, 2).contiguous()
+    a_r = a.to(dtype).view(groups, per_group, d_state).transpose(1, 2).contiguous()
+    a_r2 = a_r * _log2_e()
     bias = delta_bias.to(dtype) if delta_bias is not None else None
-    D_c = D.to(dtype) if D is not None else None
+    d_c = d.to(dtype) if d is not None else None
 
-    grad_u = torch.empty(u.shape, dtype=u.dtype, device=u.device) if need_u else None
-    grad_delta = torch.empty(delta.shape, dtype=delta.dtype, device=u.device) if need_delta else None
-    grad_B = torch.empty(B.shape, dtype=B.dtype, device=u.device) if need_B else None
-    grad_C = torch.empty(C.shape, dtype=C.dtype, device=u.device) if need_C else None
-    grad_A_r = torch.zeros_like(A_r) if need_A else None
-    grad_D = u.new_zeros((dim,), dtype=dtype) if need_D else None
+    grad_u = _empty_like_layout(u, u.dtype) if need_u else None
+    grad_delta = _empty_like_layout(delta, delta.dtype) if need_delta else None
+    grad_b = _empty_like_layout(b, b.dtype) if need_b else None
+    grad_c = _empty_like_layout(c, c.dtype) if need_c else None
+    grad_a_r = torch.zeros_like(a_r) if need_a else None
+    grad_d = u.new_zeros((dim,), dtype=dtype) if need_d else None
     grad_bias = u.new_zeros((dim,), dtype=dtype) if need_bias else None
 
     # One staging area serves every gathered chunk: (batch, dim) slices of u, delta, dy and (batch, groups, N) of B, C.
@@ -243,8 +276,8 @@ def _scan_backward(
     u_buf = u.new_empty((chunk, batch, dim), dtype=dtype)
     dt_buf = torch.empty_like(u_buf)
     gy_buf = torch.empty_like(u_buf)
-    B_buf = u.new_empty((chunk, batch, groups, d_state), dtype=dtype)
-    C_buf = torch.empty_like(B_buf)
+    b_buf = u.new_empty((chunk, batch, groups, d_state), dtype=dtype)
+    c_buf = torch.empty_like(b_buf)
     # One extra leading slot holds the checkpoint, so states_buf[:steps] and states_buf[1:] are h_{t-1} and h_t.
     states_buf = u.new_empty((chunk + 1, batch, groups, d_state, per_group), dtype=dtype)
     decay_buf = u.new_empty((chunk, batch, groups, d_state, per_group), dtype=dtype)
@@ -259,8 +292,8 @@ def _scan_backward(
         n = steps * rows
         u_c = _gather_chunk(u, start, steps, staging, u_buf)
         x_c, dt_c = _step_sizes(_gather_chunk(delta, start, steps, staging, dt_buf), bias, delta_softplus)
-        B_c = _gather_chunk(B, start, steps, staging, B_buf)
-        C_c = _gather_chunk(C, start, steps, staging, C_buf)
+        b_c = _gather_chunk(b, start, steps, staging, b_buf)
+        c_c = _gather_chunk(c, start, steps, staging, c_buf)
         gy_c = _gather_chunk(grad_y, start, steps, staging, gy_buf)
         dt_g = dt_c.view(steps, batch, groups, 1, per_group)
         dtu_g = (dt_c * u_c).view(steps, batch, groups, 1, per_group)
@@ -270,15 +303,15 @@ def _scan_backward(
         states_all = states_buf[: steps + 1]
         states_all[0].copy_(checkpoints[k])
         states = states_all[1:]
-        decay = torch.mul(dt_g, A_r, out=decay_buf[:steps]).exp_()
-        torch.mul(dtu_g, B_c.view(steps, batch, groups, d_state, 1), out=states)
+        decay = _decays(dt_g, a_r2, decay_buf[:steps])
+        torch.mul(dtu_g, b_c.view(steps, batch, groups, d_state, 1), out=states)
         decay_steps = decay.unbind(0)
         state_steps = states_all.unbind(0)
         for i in range(steps):
             state_steps[i + 1].addcmul_(decay_steps[i], state_steps[i])
 
         # Adjoint recurrence, backwards through the chunk.
-        adjoint = torch.mul(gy_g, C_c.view(steps, batch, groups, d_state, 1), out=adjoint_buf[:steps])
+        adjoint = torch.mul(gy_g, c_c.view(steps, batch, groups, d_state, 1), out=adjoint_buf[:steps])
         adjoint_steps = adjoint.unbind(0)
         adjoint_steps[steps - 1].add_(carry)
         for i in range(steps - 2, -1, -1):
@@ -286,29 +319,29 @@ def _scan_backward(
         torch.mul(decay_steps[0], adjoint_steps[0], out=carry)
 
         scratch = scratch_buf[:steps]
-        if grad_C is not None:
-            grad_C_c = torch.mul(states, gy_g, out=scratch).sum(-1)
-            grad_C.narrow(-1, start, steps).copy_(grad_C_c.movedim(0, -1))
-        if grad_B is not None:
-            grad_B_c = torch.mul(adjoint, dtu_g, out=scratch).sum(-1)
-            grad_B.narrow(-1, start, steps).copy_(grad_B_c.movedim(0, -1))
-        if grad_D is not None:
-            grad_D.add_((gy_c * u_c).view(steps * batch, dim).sum(0))
+        if grad_c is not None:
+            grad_c_c = torch.mul(states, gy_g, out=scratch).sum(-1)
+            grad_c.narrow(-1, start, steps).copy_(grad_c_c.movedim(0, -1))
+        if grad_b is not None:
+            grad_b_c = torch.mul(adjoint, dtu_g, out=scratch).sum(-1)
+            grad_b.narrow(-1, start, steps).copy_(grad_b_c.movedim(0, -1))
+        if grad_d is not None:
+            grad_d.add_((gy_c * u_c).view(steps * batch, dim).sum(0))
         grad_dt_c: Optional[Tensor] = None
         if grad_u is not None or need_dt:
             # <g_t, B_t> over N: the gradient of the input term with respect to its factor dt_t * u_t.
-            g_dot_b = torch.bmm(B_c.view(n, 1, d_state), adjoint.view(n, d_state, per_group)).view(steps, batch, dim)
+            g_dot_b = torch.bmm(b_c.view(n, 1, d_state), adjoint.view(n, d_state, per_group)).view(steps, batch, dim)
             if grad_u is not None:
                 grad_u_c = g_dot_b * dt_c
-                if D_c is not None:
-                    grad_u_c.addcmul_(gy_c, D_c)
+                if d_c is not None:
+                    grad_u_c.addcmul_(gy_c, d_c)
                 grad_u.narrow(-1, start, steps).copy_(grad_u_c.movedim(0, -1))
             if need_dt:
                 grad_dt_c = g_dot_b.mul_(u_c)
-        if need_dt or grad_A_r is not None:
+        if need_dt or grad_a_r is not None:
             decay_grad = decay.mul_(states_all[:steps]).mul_(adjoint)
             if grad_dt_c is not None:
-                grad_dt_c.add_(torch.mul(decay_grad, A_r, out=scratch).sum(-2).view(steps, batch, dim))
+                grad_dt_c.add_(torch.mul(decay_grad, a_r, out=scratch).sum(-2).view(steps, batch, dim))
                 if delta_softplus:
                     # The derivative of F.softplus as computed: sigmoid, but exactly 1 above its threshold of 20 where
                     # the forward returns x itself, as in torch's own softplus backward.
@@ -317,17 +350,17 @@ def _scan_backward(
                     grad_delta.narrow(-1, start, steps).copy_(grad_dt_c.movedim(0, -1))
                 if grad_bias is not None:
                     grad_bias.add_(grad_dt_c.view(steps * batch, dim).sum(0))
-            if grad_A_r is not None:
-                grad_A_r.add_(decay_grad.mul_(dt_g).view(steps * batch, groups, d_state, per_group).sum(0))
+            if grad_a_r is not None:
+                grad_a_r.add_(decay_grad.mul_(dt_g).view(steps * batch, groups, d_state, per_group).sum(0))
 
-    grad_A = grad_A_r.transpose(1, 2).reshape(dim, d_state).to(A.dtype) if grad_A_r is not None else None
+    grad_a = grad_a_r.transpose(1, 2).reshape(dim, d_state).to(a.dtype) if grad_a_r is not None else None
     return [
         grad_u,
         grad_delta,
-        grad_A,
-        grad_B,
-        grad_C,
-        grad_D.to(D.dtype) if grad_D is not None and D is not None else None,
+        grad_a,
+        grad_b,
+        grad_c,
+        grad_d.to(d.dtype) if grad_d is not None and d is not None else None,
         grad_bias.to(delta_bias.dtype) if grad_bias is not None and delta_bias is not None else None,
     ]
 
@@ -345,33 +378,33 @@ class _SelectiveScanFunction(torch.autograd.Function):
         ctx,
         u: Tensor,
         delta: Tensor,
-        A: Tensor,
-        B: Tensor,
-        C: Tensor,
-        D: Optional[Tensor],
+        a: Tensor,
+        b: Tensor,
+        c: Tensor,
+        d: Optional[Tensor],
         delta_bias: Optional[Tensor],
         delta_softplus: bool,
     ) -> Tensor:
-        dtype = _compute_dtype(u, delta, A, B, C, D, delta_bias)
+        dtype = _compute_dtype(u, delta, a, b, c, d, delta_bias)
         out_dtype = _output_dtype(u, dtype)
         save_checkpoints = any(ctx.needs_input_grad)
         # Autocast would run the batched matmuls in 16 bits; the scan accumulates in `dtype` by design.
         with torch.autocast(device_type=u.device.type, enabled=False):
             out, checkpoints = _scan_forward(
-                u, delta, A, B, C, D, delta_bias, delta_softplus, dtype, out_dtype, save_checkpoints
+                u, delta, a, b, c, d, delta_bias, delta_softplus, dtype, out_dtype, save_checkpoints
             )
         ctx.delta_softplus = delta_softplus
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, checkpoints)
+        ctx.save_for_backward(u, delta, a, b, c, d, delta_bias, checkpoints)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        u, delta, A, B, C, D, delta_bias, checkpoints = ctx.saved_tensors
+        u, delta, a, b, c, d, delta_bias, checkpoints = ctx.saved_tensors
         needs_grad = list(ctx.needs_input_grad[:7])
         with torch.autocast(device_type=u.device.type, enabled=False):
             grads = _scan_backward(
-                grad_y, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, checkpoints, needs_grad
+                grad_y, u, delta, a, b, c, d, delta_bias, ctx.delta_softplus, checkpoints, needs_grad
             )
         return (*grads, None)
 
@@ -396,10 +429,10 @@ def _load_mamba_selective_scan() -> Tuple[Optional[Callable[..., Tensor]], Optio
 def _selective_scan_eager(
     u: Tensor,
     delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor],
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    d: Optional[Tensor],
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     backend: str,
@@ -413,22 +446,23 @@ def _selective_scan_eager(
         selective_scan_fn, err = _load_mamba_selective_scan()
         if selective_scan_fn is None:
             raise ImportError(f"backend='mamba_ssm' was requested but mamba_ssm cannot be imported: {err}") from err
-        return selective_scan_fn(u, delta, A, B, C, D, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus)
+        return selective_scan_fn(u, delta, a, b, c, d, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus)
     # mamba-ssm's kernel has no float64 path, so float64 (e.g. gradcheck on a GPU) always takes the PyTorch backend.
-    if backend == "auto" and on_cuda and _compute_dtype(u, delta, A, B, C, D, delta_bias) != torch.float64:
+    if backend == "auto" and on_cuda and _compute_dtype(u, delta, a, b, c, d, delta_bias) != torch.float64:
         selective_scan_fn, _ = _load_mamba_selective_scan()
         if selective_scan_fn is not None:
-            return selective_scan_fn(u, delta, A, B, C, D, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus)
-    return _SelectiveScanFunction.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+            return selective_scan_fn(u, delta, a, b, c, d, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    return _SelectiveScanFunction.apply(u, delta, a, b, c, d, delta_bias, delta_softplus)
 
 
+# A, B, C, D keep mamba-ssm's argument names, which its users know.
 def selective_scan(
     u: Tensor,
     delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
+    A: Tensor,  # noqa: N803
+    B: Tensor,  # noqa: N803
+    C: Tensor,  # noqa: N803
+    D: Optional[Tensor] = None,  # noqa: N803
     delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = True,
     backend: str = "auto",
@@ -454,8 +488,13 @@ def selective_scan(
             CUDA kernel and raises if it cannot be used. Under TorchScript only the PyTorch backend exists and it
             is forward-only (for inference and export): ``"mamba_ssm"`` raises there.
 
+    Inputs may have any strides. Time-major inputs (``L`` outermost in memory, e.g. ``x.permute(1, 2, 0)`` of a
+    contiguous ``(L, batch, dim)`` tensor, as :class:`SS2D` makes them) are read in place; others are copied chunk by
+    chunk.
+
     Returns:
-        ``(batch, dim, L)``, contiguous.
+        ``(batch, dim, L)``: time-major in memory like ``u`` when ``u`` is time-major and the PyTorch backend runs,
+        contiguous otherwise.
 
     Raises:
         ValueError: for an unknown ``backend``, mis-shaped or non-floating-point inputs, or ``backend="mamba_ssm"``

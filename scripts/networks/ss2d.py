@@ -6,12 +6,12 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 
 from scripts.networks.selective_scan import selective_scan
 from scripts.networks.wavelet_conv import WTConv2d
 
-__all__ = ["SS2D", "WAVELET_FUSION_MODES"]
+__all__ = ["SS2D", "WAVELET_FUSION_MODES", "cross_scan", "cross_merge"]
 
 WAVELET_FUSION_MODES = ("replace", "parallel", "none")
 NUM_SCAN_DIRECTIONS = 4
@@ -107,40 +107,78 @@ class SS2D(nn.Module):
         k = self.num_directions
 
         u, z = self.in_proj(x).chunk(2, dim=-1)
+        # The depthwise and wavelet convolutions run faster on contiguous channels-first maps than on channels-last
+        # views (measured on CPU), so the one layout change each way is an explicit copy.
         u = u.permute(0, 3, 1, 2).contiguous()
         local = self.local_conv(u)
         if self.wavelet_branch is not None:
             local = local + self.wavelet_branch(u)
-        u = F.silu(local)
+        u = F.silu(local).permute(0, 2, 3, 1).contiguous()
 
-        # Cross-scan: row-major, column-major, and both reversed, as groups of one scan.
-        rows = u.reshape(batch, self.d_inner, length)
-        cols = u.transpose(2, 3).reshape(batch, self.d_inner, length)
-        forward_seqs = torch.stack([rows, cols], dim=1)
-        seqs = torch.cat([forward_seqs, forward_seqs.flip(-1)], dim=1)
+        # x_proj is a per-position linear map, so it is applied once per pixel before the cross-scan reorders pixels.
+        projected = F.linear(u, self.x_proj_weight.reshape(-1, self.d_inner)).view(batch, height, width, k, -1)
+        seqs = cross_scan(u.unsqueeze(3).expand(batch, height, width, k, self.d_inner))
+        dts, b, c = torch.split(cross_scan(projected), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # The K step-size projections as one block-diagonal product, straight into the scan's (L, B, K * d_inner).
+        eye = torch.eye(k, dtype=self.dt_proj_weight.dtype, device=self.dt_proj_weight.device)
+        dt_proj = (self.dt_proj_weight.unsqueeze(2) * eye[:, None, :, None]).reshape(k * self.d_inner, -1)
+        delta = F.linear(dts.reshape(length, batch, -1), dt_proj)
 
-        projected = torch.einsum("bkdl,kcd->bkcl", seqs, self.x_proj_weight)
-        dt, b, c = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj_weight)
-
+        # (L, B, ...) memory seen as (B, ..., L): the time-major layout the PyTorch scan reads without copies.
         y = selective_scan(
-            seqs.reshape(batch, k * self.d_inner, length),
-            delta.reshape(batch, k * self.d_inner, length),
+            seqs.view(length, batch, -1).permute(1, 2, 0),
+            delta.permute(1, 2, 0),
             -torch.exp(self.A_log.float()),
-            b.contiguous(),
-            c.contiguous(),
+            b.contiguous().permute(1, 2, 3, 0),
+            c.contiguous().permute(1, 2, 3, 0),
             self.D.float(),
             self.dt_proj_bias.reshape(-1).float(),
             True,
             self.scan_backend,
-        ).view(batch, k, self.d_inner, length)
-
-        # Cross-merge: undo the reversals and the transposition, then add the four directions in row-major order.
-        y = y[:, :2] + y[:, 2:].flip(-1)
-        y_cols = (
-            y[:, 1].reshape(batch, self.d_inner, width, height).transpose(2, 3).reshape(batch, self.d_inner, length)
         )
-        y = (y[:, 0] + y_cols).transpose(1, 2).reshape(batch, height, width, self.d_inner)
+        y = cross_merge(y.permute(2, 0, 1).reshape(length, batch, k, self.d_inner), height, width)
 
         y = self.out_norm(y.to(z.dtype)) * F.silu(z)
         return self.out_proj(y)
+
+
+def cross_scan(x: torch.Tensor) -> torch.Tensor:
+    """
+    Order the pixels of direction ``k`` of ``x`` as scan ``k`` reads them: row-major, column-major, and the reverse
+    of each (a reversed raster order is the raster order of the map flipped along H and W).
+
+    Args:
+        x: ``(B, H, W, 4, F)``, one feature vector per pixel and direction (an expanded view for shared features).
+
+    Returns:
+        ``(H * W, B, 4, F)``, time-major and contiguous.
+    """
+    batch, height, width, k, features = x.shape
+    out = x.new_empty((height * width, batch, k, features))
+    rows = out.view(height, width, batch, k, features)
+    cols = out.view(width, height, batch, k, features)
+    flipped = x[:, :, :, 2:].flip(1, 2)
+    rows[:, :, :, 0].copy_(x[:, :, :, 0].permute(1, 2, 0, 3))
+    cols[:, :, :, 1].copy_(x[:, :, :, 1].permute(2, 1, 0, 3))
+    rows[:, :, :, 2].copy_(flipped[:, :, :, 0].permute(1, 2, 0, 3))
+    cols[:, :, :, 3].copy_(flipped[:, :, :, 1].permute(2, 1, 0, 3))
+    return out
+
+
+def cross_merge(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """
+    Inverse of :func:`cross_scan` summed over the directions: undo each reordering and add the four maps.
+
+    Args:
+        y: ``(H * W, B, 4, F)`` scan outputs in scan order.
+        height: ``H``.
+        width: ``W``.
+
+    Returns:
+        ``(B, H, W, F)`` (time-major strides; contiguous for ``B = 1``).
+    """
+    length, batch, _, features = y.shape
+    forward = y[:, :, :2] + y[:, :, 2:].flip(0)
+    rows = forward[:, :, 0].view(height, width, batch, features)
+    cols = forward[:, :, 1].view(width, height, batch, features).transpose(0, 1)
+    return (rows + cols).permute(2, 0, 1, 3)

@@ -6,7 +6,7 @@ from typing import List, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 
 from scripts.networks.blocks import PatchExpanding, PatchMerging, WCVMBlock
 from scripts.networks.kan import KANConv2d

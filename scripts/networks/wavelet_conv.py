@@ -10,7 +10,7 @@ from typing import List, Tuple
 import pywt
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 
 __all__ = ["create_wavelet_filters", "wavelet_transform", "inverse_wavelet_transform", "max_wavelet_levels", "WTConv2d"]
 

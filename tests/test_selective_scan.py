@@ -176,7 +176,7 @@ def test_gradcheck() -> None:
 
 def test_gradcheck_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     # Chunks of 3 steps: checkpoints, the carried adjoint and a partial last chunk, at a size gradcheck can afford.
-    monkeypatch.setattr(selective_scan_module, "_chunk_size", lambda: 3)
+    monkeypatch.setattr(selective_scan_module, "_chunk_size", lambda step_elements: 3)
     inputs = make_inputs(batch=1, dim=4, groups=2, d_state=3, length=8)
     assert torch.autograd.gradcheck(lambda *args: selective_scan(*args, backend="torch"), inputs)
     check_against_reference(make_inputs(length=20))
@@ -243,6 +243,74 @@ def test_float32_error_at_length_1024() -> None:
     inputs = make_inputs(batch=1, dim=8, groups=2, d_state=16, length=1024, delta_max=0.2, seed=5)
     inputs32 = [t.detach().float() if t is not None else None for t in inputs]
     assert rel_err(selective_scan(*inputs32, backend="torch"), reference_scan(*inputs)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "batch,dim,d_state,expected", [(1, 8, 4, 64), (1, 768, 16, 64), (1, 3072, 16, 21), (8, 6144, 16, 8)]
+)
+def test_chunk_size_keeps_chunk_buffers_near_a_million_elements(
+    batch: int, dim: int, d_state: int, expected: int
+) -> None:
+    # VMAML-UNet's first and third stages at 256 x 256 (dim = 4 directions x d_inner) and a training batch of 8 at the
+    # fourth: at most 64 steps, at least 8, and otherwise about 2^20 state elements per chunk buffer.
+    assert selective_scan_module._chunk_size(batch * dim * d_state) == expected
+
+
+# Wide enough (2 * 1024 * 16 state elements per step) that the chunks are 32 steps, not the 64 of small inputs.
+WIDE = {"batch": 2, "dim": 1024, "groups": 4, "d_state": 16}
+
+
+def float32_of(inputs: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    return [t.detach().float() if t is not None else None for t in inputs]
+
+
+@pytest.mark.parametrize("length", [31, 32, 33, 97])
+@pytest.mark.parametrize("with_d,with_bias,delta_softplus", list(itertools.product([True, False], repeat=3)))
+def test_size_dependent_chunks_match_float64_reference_in_float32(
+    length: int, with_d: bool, with_bias: bool, delta_softplus: bool
+) -> None:
+    inputs = make_inputs(
+        **WIDE,
+        length=length,
+        with_d=with_d,
+        with_bias=with_bias,
+        delta_max=None if delta_softplus else 0.5,
+        seed=length,
+    )
+    if not delta_softplus and with_bias:
+        inputs[6] = inputs[6].detach().abs()
+    y_ref = reference_scan(*inputs, delta_softplus=delta_softplus)
+    inputs32 = float32_of(inputs)
+    with torch.no_grad():
+        y = selective_scan(*inputs32, delta_softplus=delta_softplus, backend="torch")
+        y_tm = selective_scan(
+            *(time_major(t) if t.dim() > 2 else t for t in inputs32[:5]),
+            *inputs32[5:],
+            delta_softplus=delta_softplus,
+            backend="torch",
+        )
+    assert rel_err(y, y_ref) < 1e-5
+    assert y_tm.movedim(-1, 0).is_contiguous()
+    torch.testing.assert_close(y_tm, y, rtol=0, atol=0)
+
+
+def test_size_dependent_chunks_in_forward_and_backward() -> None:
+    # 97 steps in 32-step chunks: four checkpoints and a last chunk of one step; gradients checked across them.
+    inputs = make_inputs(**WIDE, length=97, seed=7)
+    _, checkpoints = selective_scan_module._scan_forward(
+        *(t.detach() for t in inputs), True, torch.float64, torch.float64, True
+    )
+    assert checkpoints.shape[0] == 4
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs]
+    y32 = selective_scan(*inputs32, backend="torch")
+    with torch.no_grad():
+        assert torch.equal(selective_scan(*inputs32, backend="torch"), y32)
+    y_ref = reference_scan(*inputs)
+    assert rel_err(y32, y_ref) < 1e-5
+    grad_y = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for name, g, g_ref in zip(ARG_NAMES, grads_of(y32, inputs32, grad_y.float()), grads_of(y_ref, inputs, grad_y)):
+        assert g is not None, name
+        assert rel_err(g, g_ref) < 1e-5, name
 
 
 def test_empty_sequence() -> None:

@@ -7,12 +7,13 @@ The recurrence, per batch element ``b``, channel ``d`` and state ``n``::
     y_t  = sum_n C_t[n] * h_t[n] + D * u_t
 
 The pure-PyTorch backend runs the recurrence as a time-major loop with one fused multiply-add per step; the decays
-and inputs of a chunk of 64 steps are computed in one vectorised pass beforehand and the chunk's outputs in one
-batched matmul afterwards. Autograd through such a loop is quadratic in L (indexing one step out of a saved tensor
-makes a full-size zero gradient every step), and log-space formulations (cumulative sums of log decays) overflow at
-realistic ``dt * A``, so the backward pass is hand-written: the states are recomputed chunk by chunk from checkpoints
-saved every 64 steps and the adjoint recurrence is run backwards in the same fused way. Memory stays O(L) in the
-inputs instead of O(L * N) in the states, and time stays linear in L.
+and inputs of a chunk of 8 to 64 steps (sized so that the chunk's buffers stay in cache) are computed in one
+vectorised pass beforehand and the chunk's outputs in one batched matmul afterwards. Autograd through such a loop is
+quadratic in L (indexing one step out of a saved tensor makes a full-size zero gradient every step), and log-space
+formulations (cumulative sums of log decays) overflow at realistic ``dt * A``, so the backward pass is hand-written:
+the states are recomputed chunk by chunk from checkpoints saved at every chunk and the adjoint recurrence is run
+backwards in the same fused way. Memory stays O(L) in the inputs instead of O(L * N) in the states, and time stays
+linear in L.
 """
 
 import functools
@@ -28,11 +29,16 @@ __all__ = ["selective_scan"]
 logger = logging.getLogger(__name__)
 
 
-def _chunk_size() -> int:
-    # Steps per chunk, and so also the spacing of the state checkpoints kept for the backward pass: enough steps to
-    # amortise the chunk's vectorised ops, while its buffers (chunk, batch, dim, N) stay a few MB. 16 to 128 measured
-    # about the same. A function rather than a module constant because TorchScript cannot read module-level ints.
-    return 64
+def _chunk_size(step_elements: int) -> int:
+    """Steps per chunk for states of ``step_elements = batch * dim * N`` elements per step.
+
+    Also the spacing of the state checkpoints kept for the backward pass. Each of the chunk's ops is a pass over
+    (chunk, batch, dim, N) buffers, so the scan runs at cache speed while a buffer holds about 2^20 elements (4 MB in
+    float32) and slows by up to 4x at several times that (measured on CPU at VMAML-UNet's four stages, 1 thread); at
+    least 8 steps amortise the per-chunk ops, at most 64 bound the checkpoint spacing. A function rather than a module
+    constant because TorchScript cannot read module-level ints.
+    """
+    return max(8, min(64, 1048576 // max(step_elements, 1)))
 
 
 def _validate(
@@ -165,7 +171,7 @@ def _scan_forward(
     batch, dim, length = u.shape[0], u.shape[1], u.shape[2]
     groups, d_state = b.shape[1], b.shape[2]
     per_group = dim // groups
-    chunk_size = _chunk_size()
+    chunk_size = _chunk_size(batch * dim * d_state)
     chunk = min(length, chunk_size)
     num_chunks = (length + chunk_size - 1) // chunk_size
     rows = batch * groups
@@ -254,7 +260,7 @@ def _scan_backward(
     batch, dim, length = u.shape[0], u.shape[1], u.shape[2]
     groups, d_state = b.shape[1], b.shape[2]
     per_group = dim // groups
-    chunk_size = _chunk_size()
+    chunk_size = _chunk_size(batch * dim * d_state)
     chunk = min(length, chunk_size)
     rows = batch * groups
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
+from scripts.networks.parallel_scan import parallel_selective_scan
+
 __all__ = ["selective_scan"]
 
 logger = logging.getLogger(__name__)
@@ -443,6 +445,10 @@ def _selective_scan_eager(
     delta_softplus: bool,
     backend: str,
 ) -> Tensor:
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        # Neither backend exports: the TorchScript-based ONNX exporter records the chunked in-place scan as a
+        # constant, torch.export takes minutes over it, and mamba-ssm's kernel is opaque to both.
+        return parallel_selective_scan(u, delta, a, b, c, d, delta_bias, delta_softplus)
     on_cuda = u.device.type == "cuda"
     if backend == "mamba_ssm":
         if not on_cuda:

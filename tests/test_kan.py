@@ -2,7 +2,7 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 from bundle_test_utils import randomise_parameters
 
 from scripts.networks.kan import KANConv2d, KANLinear, b_spline_bases, make_uniform_grid

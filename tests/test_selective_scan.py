@@ -8,11 +8,11 @@ from typing import List, Optional
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 import scripts.networks.selective_scan as selective_scan_module
 from scripts.networks.selective_scan import selective_scan
+from scripts.networks.selective_scan_reference import selective_scan_reference
 
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 
@@ -27,24 +27,9 @@ def reference_scan(
     delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = True,
 ) -> Tensor:
-    """The recurrence written out step by step in float64, differentiable by autograd (a, b, c, d: A, B, C, D)."""
-    u, delta, a, b, c = (t.double() for t in (u, delta, a, b, c))
-    dim, length = u.shape[1], u.shape[2]
-    per_group = dim // b.shape[1]
-    b = b.repeat_interleave(per_group, dim=1)  # (batch, dim, N, L)
-    c = c.repeat_interleave(per_group, dim=1)
-    dt = delta if delta_bias is None else delta + delta_bias.double()[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    h = u.new_zeros(u.shape[0], dim, a.shape[1])
-    ys = []
-    for t in range(length):
-        h = torch.exp(dt[:, :, t, None] * a) * h + (dt[:, :, t] * u[:, :, t])[:, :, None] * b[:, :, :, t]
-        ys.append((h * c[:, :, :, t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
-    if d is not None:
-        y = y + d.double()[:, None] * u
-    return y
+    """The sequential reference in float64, differentiable by autograd: the ground truth of these tests."""
+    as_float64 = [None if t is None else t.double() for t in (u, delta, a, b, c, d, delta_bias)]
+    return selective_scan_reference(*as_float64, delta_softplus=delta_softplus)
 
 
 def make_inputs(

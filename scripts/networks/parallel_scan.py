@@ -13,7 +13,7 @@ TorchScript-based ONNX exporter) or into a graph whose export takes minutes (``t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 
 __all__ = ["parallel_selective_scan"]
 
@@ -39,10 +39,10 @@ def _prefix_scan(decay: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tenso
 def parallel_selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
+    A: torch.Tensor,  # noqa: N803 (mamba-ssm's names, as in selective_scan)
+    B: torch.Tensor,  # noqa: N803
+    C: torch.Tensor,  # noqa: N803
+    D: torch.Tensor | None = None,  # noqa: N803
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = True,
     chunk_size: int = 1024,
@@ -84,20 +84,20 @@ def parallel_selective_scan(
     if delta_softplus:
         dt = F.softplus(dt)
     # States as (batch, groups, N, dim // groups, time): the time axis last, where the scan shifts.
-    A_r = A.to(dtype).view(groups, per_group, d_state).transpose(1, 2)[..., None]
-    B = B.to(dtype)[:, :, :, None]
-    C = C.to(dtype)[:, :, :, None]
+    a_grouped = A.to(dtype).view(groups, per_group, d_state).transpose(1, 2)[..., None]
+    b_steps = B.to(dtype)[:, :, :, None]
+    c_steps = C.to(dtype)[:, :, :, None]
     outputs = []
     h = u.new_zeros((batch, groups, d_state, per_group, 1))
     for start in range(0, length, chunk_size):
         steps = min(chunk_size, length - start)
         dt_c = dt[..., start : start + steps]
-        decay = torch.exp(dt_c.view(batch, groups, 1, per_group, steps) * A_r)
+        decay = torch.exp(dt_c.view(batch, groups, 1, per_group, steps) * a_grouped)
         inputs_c = (dt_c * u[..., start : start + steps]).view(batch, groups, 1, per_group, steps)
-        decay, states = _prefix_scan(decay, inputs_c * B[..., start : start + steps])
+        decay, states = _prefix_scan(decay, inputs_c * b_steps[..., start : start + steps])
         states = states + decay * h
         h = states[..., -1:]
-        outputs.append((C[..., start : start + steps] * states).sum(2))
+        outputs.append((c_steps[..., start : start + steps] * states).sum(2))
 
     y = torch.cat(outputs, dim=-1).reshape(batch, dim, length)
     if D is not None:

@@ -7,7 +7,7 @@ against.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 __all__ = ["selective_scan_reference"]
@@ -16,10 +16,10 @@ __all__ = ["selective_scan_reference"]
 def selective_scan_reference(
     u: Tensor,
     delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
+    A: Tensor,  # noqa: N803 (mamba-ssm's names, as in selective_scan)
+    B: Tensor,  # noqa: N803
+    C: Tensor,  # noqa: N803
+    D: Tensor | None = None,  # noqa: N803
     delta_bias: Tensor | None = None,
     delta_softplus: bool = True,
 ) -> Tensor:
@@ -56,16 +56,16 @@ def selective_scan_reference(
         dt = dt + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    B_d = B.to(dtype).repeat_interleave(per_group, dim=1)
-    C_d = C.to(dtype).repeat_interleave(per_group, dim=1)
+    b_per_channel = B.to(dtype).repeat_interleave(per_group, dim=1)
+    c_per_channel = C.to(dtype).repeat_interleave(per_group, dim=1)
     decays = torch.exp(torch.einsum("bdl,dn->bdln", dt, A.to(dtype)))
-    updates = torch.einsum("bdl,bdnl,bdl->bdln", dt, B_d, u_c)
+    updates = torch.einsum("bdl,bdnl,bdl->bdln", dt, b_per_channel, u_c)
 
     h = u_c.new_zeros((batch, dim, A.shape[1]))
     ys = []
     for t in range(length):
         h = decays[:, :, t] * h + updates[:, :, t]
-        ys.append(torch.einsum("bdn,bdn->bd", h, C_d[:, :, :, t]))
+        ys.append(torch.einsum("bdn,bdn->bd", h, c_per_channel[:, :, :, t]))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + u_c * D.to(dtype)[:, None]

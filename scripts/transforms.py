@@ -6,7 +6,7 @@ rejection of NaN and infinite values, mask binarisation, mask saving.
 from __future__ import annotations
 
 import logging
-from typing import Any, Hashable, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
 import numpy as np
 import torch
@@ -208,49 +208,43 @@ class MaskToLabel(Transform):
         return label
 
 
-class CheckFinited(MapTransform):
-    """Dictionary version of :class:`CheckFinite`."""
+class _PerKeyd(MapTransform):
+    """Apply ``self.converter``, an array transform set by the subclass, to each key."""
 
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.checker = CheckFinite()
+    converter: Callable[[torch.Tensor], torch.Tensor]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.checker(d[key])
+            d[key] = self.converter(d[key])
         return d
 
 
-class EnsureChannelFirst2Dd(MapTransform):
+class CheckFinited(_PerKeyd):
+    """Dictionary version of :class:`CheckFinite`."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converter = CheckFinite()
+
+
+class EnsureChannelFirst2Dd(_PerKeyd):
     """Dictionary version of :class:`EnsureChannelFirst2D`."""
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.converter = EnsureChannelFirst2D()
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
 
-
-class EnsureSpatial2Dd(MapTransform):
+class EnsureSpatial2Dd(_PerKeyd):
     """Dictionary version of :class:`EnsureSpatial2D`."""
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.converter = EnsureSpatial2D()
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
 
-
-class EnsureChannelsd(MapTransform):
+class EnsureChannelsd(_PerKeyd):
     """Dictionary version of :class:`EnsureChannels`."""
 
     def __init__(
@@ -258,12 +252,6 @@ class EnsureChannelsd(MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.converter = EnsureChannels(num_channels, expand_grey)
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
 
 
 class MaskToLabeld(MapTransform):

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -46,3 +46,28 @@ def run_config_workflow(config_files: list, workflow_type: str, **overrides) -> 
     workflow.run()
     workflow.finalize()
     return workflow
+
+
+# a 1x1 convolution standing in for the network where a test needs known masks: logit > 0 where the mean intensity,
+# scaled to [0, 1], exceeds 0.5
+THRESHOLD_NETWORK = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 1, "kernel_size": 1}
+
+
+def threshold_checkpoint(folder: Path) -> Path:
+    """Write the weights of ``THRESHOLD_NETWORK`` to ``folder/threshold.pt`` and return its path."""
+    network = torch.nn.Conv2d(3, 1, kernel_size=1)
+    with torch.no_grad():
+        network.weight.fill_(20.0 / 3)
+        network.bias.fill_(-10.0)
+    path = folder / "threshold.pt"
+    torch.save(network.state_dict(), path)
+    return path
+
+
+def inference_parser(**overrides) -> ConfigParser:
+    """The inference config and its metadata with ``overrides`` applied, as the zoo's scripts and Deploy read it."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser.read_meta(str(CONFIGS / "metadata.json"))
+    parser.update({"bundle_root": str(REPO), **overrides})
+    return parser

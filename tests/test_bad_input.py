@@ -18,8 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from bundle_test_utils import CONFIGS, REPO, make_config_workflow
+from bundle_test_utils import CONFIGS, REPO, THRESHOLD_NETWORK, make_config_workflow, threshold_checkpoint
 from monai.bundle import ConfigParser
 from PIL import Image
 
@@ -30,7 +29,6 @@ from scripts.prepare_data import check, prepare
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 # a 1x1 convolution as the network: inference runs in milliseconds and marks pixels brighter than mid-grey
-THRESHOLD_NETWORK = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 1, "kernel_size": 1}
 GOOD_IMAGES = ("good image.png", "größe ü.png", "grey.png", "palette.png", "rgba.png", "sixteen bit.png", "slice.nii")
 # bad file -> words of the expected reason
 BAD_IMAGES = {
@@ -90,22 +88,11 @@ def _write_bad(folder: Path) -> None:
     nib.save(nib.Nifti1Image(np.zeros((10, 12, 5), np.float32), np.eye(4)), folder / "volume.nii.gz")
 
 
-def _threshold_checkpoint(folder: Path) -> Path:
-    """Weights of THRESHOLD_NETWORK: logit > 0 where the mean intensity, scaled to [0, 1], exceeds 0.5."""
-    network = torch.nn.Conv2d(3, 1, kernel_size=1)
-    with torch.no_grad():
-        network.weight.fill_(20.0 / 3)
-        network.bias.fill_(-10.0)
-    path = folder / "threshold.pt"
-    torch.save(network.state_dict(), path)
-    return path
-
-
 def _inference_settings(tmp_path: Path, inputs: Path, **extra) -> dict:
     return {
         "dataset_dir": str(inputs),
         "output_dir": str(tmp_path / "predictions"),
-        "ckpt_path": str(_threshold_checkpoint(tmp_path)),
+        "ckpt_path": str(threshold_checkpoint(tmp_path)),
         "network_def": THRESHOLD_NETWORK,
         **extra,
     }

@@ -5,13 +5,11 @@ and the TorchScript export of a checkpoint; plus inference the way MONAI Deploy'
 runs the bundle's transforms in memory.
 """
 
-from typing import Any
-
 import numpy as np
 import pytest
 import torch
-from bundle_test_utils import CONFIGS, REPO, SCHEMA, TINY_NETWORK
-from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
+from bundle_test_utils import CONFIGS, REPO, SCHEMA, TINY_NETWORK, inference_parser
+from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 from monai.data import MetaTensor
 from monai.transforms import Compose
 from monai.utils import ensure_tuple
@@ -20,15 +18,6 @@ META_FILE = str(CONFIGS / "metadata.json")
 INFERENCE_FILE = str(CONFIGS / "inference.json")
 # MONAI Deploy's MonaiBundleInferenceOperator drops every transform whose class name contains one of these
 DEPLOY_DISALLOWED = ("LoadImage", "SaveImage")
-
-
-def _parser(**override: Any) -> ConfigParser:
-    """The inference config with its metadata, ``override`` applied, as the zoo's scripts and Deploy read it."""
-    parser = ConfigParser()
-    parser.read_config(INFERENCE_FILE)
-    parser.read_meta(META_FILE)
-    parser.update({"bundle_root": str(REPO), **override})
-    return parser
 
 
 def _deploy_filter(compose: Compose) -> Compose:
@@ -55,7 +44,7 @@ def test_verify_net_in_out(n):
 
 
 def test_ckpt_export_matches_eager(tmp_path):
-    parser = _parser(**TINY_NETWORK)
+    parser = inference_parser(**TINY_NETWORK)
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def").eval()
     ckpt_file = tmp_path / "model.pt"
@@ -87,7 +76,7 @@ def test_deploy_style_inference(shape):
     metadata in a MetaTensor, adds a batch dimension for the inferer, and post-processes the first item of the
     output with the preprocessed inputs, so that ``Invertd`` can restore the original size.
     """
-    parser = _parser(**TINY_NETWORK)
+    parser = inference_parser(**TINY_NETWORK)
     preprocessing = _deploy_filter(parser.get_parsed_content("preprocessing"))
     postprocessing = _deploy_filter(parser.get_parsed_content("postprocessing"))
     assert not any("Save" in type(t).__name__ for t in postprocessing.transforms), "the mask saver would run"

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from bundle_test_utils import run_config_workflow
+from bundle_test_utils import THRESHOLD_NETWORK, run_config_workflow, threshold_checkpoint
 from PIL import Image
 
 from scripts.metrics import BatchPooledIoUMetric
@@ -119,18 +119,13 @@ def test_evaluation_config_reports_ukan_metrics_at_network_size(tmp_path) -> Non
         Image.fromarray(mask).save(data / "masks" / f"case{i}.png")
         items.append({"image": f"images/case{i}.png", "label": f"masks/case{i}.png"})
     (data / "datalist.json").write_text(json.dumps({"training": items, "test": items}))
-    threshold_net = torch.nn.Conv2d(3, 1, kernel_size=1)
-    with torch.no_grad():
-        threshold_net.weight.fill_(20.0 / 3)
-        threshold_net.bias.fill_(-10.0)
-    torch.save(threshold_net.state_dict(), tmp_path / "threshold.pt")
     run_config_workflow(
         ["train.json", "evaluate.json"],
         "eval",
         dataset_dir=str(data),
         output_dir=str(tmp_path / "eval"),
-        ckpt_path=str(tmp_path / "threshold.pt"),
-        network_def={"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 1, "kernel_size": 1},
+        ckpt_path=str(threshold_checkpoint(tmp_path)),
+        network_def=THRESHOLD_NETWORK,
         image_size=[32, 32],
         ukan_batch_size=2,
     )

@@ -10,8 +10,8 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from bundle_test_utils import CONFIGS, REPO, TINY_NETWORK, randomise_parameters
-from monai.bundle import ConfigParser, onnx_export
+from bundle_test_utils import CONFIGS, REPO, TINY_NETWORK, inference_parser, randomise_parameters
+from monai.bundle import onnx_export
 
 from scripts.networks.parallel_scan import parallel_selective_scan
 from scripts.networks.selective_scan import selective_scan
@@ -153,11 +153,8 @@ def test_onnx_export_command_matches_eager(tmp_path):
     ``python -m monai.bundle onnx_export network_def ...`` as docs/export.md gives it, on a tiny network from a
     checkpoint: the model takes the exported input shape and onnxruntime matches the eager network on a new input.
     """
-    parser = ConfigParser()
-    parser.read_config(INFERENCE_FILE)
-    parser.update({"bundle_root": str(REPO), **TINY_NETWORK})
     torch.manual_seed(0)
-    network = parser.get_parsed_content("network_def").eval()
+    network = inference_parser(**TINY_NETWORK).get_parsed_content("network_def").eval()
     ckpt_file = tmp_path / "model.pt"
     torch.save(network.state_dict(), ckpt_file)
 

@@ -23,9 +23,9 @@ from types import SimpleNamespace
 import monai.bundle.scripts
 import pytest
 import torch
-from bundle_test_utils import CONFIGS, REPO, TINY_NETWORK, randomise_parameters
+from bundle_test_utils import CONFIGS, REPO, TINY_NETWORK, inference_parser, randomise_parameters
 from monai.apps.utils import HashCheckError
-from monai.bundle import ConfigParser, download_large_files
+from monai.bundle import download_large_files
 from monai.data import load_net_with_metadata
 
 from scripts.release import (
@@ -84,10 +84,7 @@ def _bundle_copy(folder: Path) -> Path:
 
 
 def _tiny_network(**override) -> torch.nn.Module:
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.json"))
-    parser.update({"bundle_root": str(REPO), **TINY_NETWORK, **override})
-    network = parser.get_parsed_content("network_def")
+    network = inference_parser(**{**TINY_NETWORK, **override}).get_parsed_content("network_def")
     randomise_parameters(network)
     return network.eval()
 

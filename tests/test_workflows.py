@@ -15,7 +15,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_test_utils import CONFIGS, REPO, SCHEMA, TINY_NETWORK, make_config_workflow, run_config_workflow
+from bundle_test_utils import (
+    CONFIGS,
+    REPO,
+    SCHEMA,
+    THRESHOLD_NETWORK,
+    TINY_NETWORK,
+    make_config_workflow,
+    run_config_workflow,
+    threshold_checkpoint,
+)
 from monai.bundle import ConfigParser
 from PIL import Image
 
@@ -212,14 +221,8 @@ def test_inference_masks_line_up_with_asymmetric_pictures(tmp_path):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     Image.fromarray(np.stack([picture] * 3, axis=-1)).save(inputs / "corner.png")
-    threshold_net = torch.nn.Conv2d(3, 1, kernel_size=1)
-    with torch.no_grad():
-        threshold_net.weight.fill_(20.0 / 3)
-        threshold_net.bias.fill_(-10.0)  # logit > 0 where the mean intensity (scaled to [0, 1]) exceeds 0.5
-    ckpt = tmp_path / "threshold.pt"
-    torch.save(threshold_net.state_dict(), ckpt)
-    network = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 1, "kernel_size": 1}
-    out = _inference(tmp_path, inputs, ckpt_path=str(ckpt), network_def=network, image_size=[40, 40])
+    ckpt = threshold_checkpoint(tmp_path)
+    out = _inference(tmp_path, inputs, ckpt_path=str(ckpt), network_def=THRESHOLD_NETWORK, image_size=[40, 40])
     mask = np.asarray(Image.open(out / "corner_mask.png"))
     assert mask.shape == picture.shape
     expected = np.where(picture > 127, 255, 0)

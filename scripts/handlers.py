@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import pickle
-import secrets
 from typing import Any, Mapping, Sequence
 
 import ignite.distributed as idist
@@ -20,6 +19,8 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import CommonKeys
+
+from scripts.atomic_file import atomic_write
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -162,20 +163,8 @@ class AtomicDiskSaver(BaseSaveHandler):
         """Write ``checkpoint`` (a dict of state dicts) as ``filename``, or as the fixed file name."""
         if idist.get_rank() != self.save_on_rank:
             return
-        os.makedirs(self.dirname, exist_ok=True)
-        path = os.path.join(self.dirname, self.filename or filename)
-        temporary = os.path.join(self.dirname, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
-        # created as any new file is (0o666 less the umask), not private as tempfile.mkstemp would make it
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            os.remove(temporary)
-            raise
+        with atomic_write(os.path.join(self.dirname, self.filename or filename)) as stream:
+            torch.save(checkpoint, stream)
 
     def remove(self, filename: str) -> None:
         """Delete ``filename``; nothing to do under a fixed file name, which the next save replaces."""

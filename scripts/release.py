@@ -30,9 +30,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import IO, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from monai.apps.utils import HashCheckError, download_url
@@ -40,11 +39,12 @@ from monai.bundle import ConfigParser
 from monai.data import save_net_with_metadata
 from monai.utils import ensure_tuple
 
+from scripts.atomic_file import atomic_write
+
 __all__ = [
     "BUNDLE_NAME",
     "LARGE_FILES",
     "PACKAGED",
-    "atomic_write",
     "sha256",
     "packaged_files",
     "load_network",
@@ -66,26 +66,6 @@ PACKAGED = ("configs", "scripts", "docs", "LICENSE", "README.md", "requirements.
 # a fixed timestamp for every archive member, so that the same files always give the same archive and hash
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 EXPORT_TOLERANCE = 1e-4
-
-
-@contextmanager
-def atomic_write(path: str) -> Iterator[IO[bytes]]:
-    """
-    A binary stream whose content replaces ``path`` only when the block ends without an error.
-
-    The content goes to a temporary file beside ``path`` that is moved onto it with ``os.replace``, so ``path``
-    holds either its old content or the complete new one, never a partial file.
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(temporary, "xb") as stream:
-            yield stream
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def sha256(path: str) -> str:

@@ -32,7 +32,6 @@ from scripts.release import (
     BUNDLE_NAME,
     LARGE_FILES,
     PACKAGED,
-    atomic_write,
     build,
     build_archive,
     read_large_files,
@@ -289,17 +288,6 @@ def test_committed_large_files_lists_only_complete_entries(tmp_path, monkeypatch
         {"url": e["url"], "hash_val": e["hash_val"], "hash_type": e["hash_type"], "filepath": str(tmp_path / e["path"])}
         for e in entries
     ]
-
-
-def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
-    path = tmp_path / "model.ts"
-    path.write_bytes(b"old")
-    with pytest.raises(RuntimeError, match="interrupted"):
-        with atomic_write(str(path)) as stream:
-            stream.write(b"partial")
-            raise RuntimeError("interrupted")
-    assert path.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["model.ts"]
 
 
 def test_archive_is_reproducible(tmp_path):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bundle_test_utils import REPO
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -183,9 +186,16 @@ def test_peak_rss_increase_sees_a_large_allocation() -> None:
         benchmark.peak_rss_increase(lambda: None)
     except OSError as error:
         pytest.skip(f"no resettable peak resident set size here: {error}")
+    # In a fresh process, as the benchmark measures: this one's allocator may serve the block from memory that
+    # earlier tests freed and that is still resident.
     size = 64 * 2**20
-    increase = benchmark.peak_rss_increase(lambda: torch.ones(size // 4))
-    assert 0.95 * size <= increase <= size + 32 * 2**20
+    measure = (
+        "import torch; from scripts import benchmark; "
+        f"print(benchmark.peak_rss_increase(lambda: torch.ones({size // 4})))"
+    )
+    result = subprocess.run([sys.executable, "-c", measure], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert 0.95 * size <= int(result.stdout.split()[-1]) <= size + 32 * 2**20
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

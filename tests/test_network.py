@@ -1,10 +1,13 @@
 """VMAML-UNet network: VM-UNet parameter parity, shapes at any size, training/eval outputs, ablation switches."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from bundle_test_utils import randomise_parameters
 
+import scripts.networks.selective_scan as selective_scan_module
 from scripts.networks.blocks import PatchExpanding, PatchMerging
 from scripts.networks.selective_scan import selective_scan
 from scripts.networks.ss2d import SS2D, cross_merge, cross_scan
@@ -185,6 +188,48 @@ def test_ss2d_matches_reference_formulation(wavelet_fusion, batch, height, width
             assert g is None, name
             continue
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9 * g_ref.abs().max().item(), msg=name)
+
+
+@pytest.mark.skipif(
+    selective_scan_module.load_cpu_scan_kernel()[0] is None, reason="the CPU kernel cannot be built here (no compiler)"
+)
+@pytest.mark.parametrize("wavelet_fusion", ["replace", "none"])
+@pytest.mark.parametrize("batch,height,width", [(1, 8, 8), (2, 7, 12), (1, 1, 9), (2, 6, 1)])
+def test_ss2d_fused_cpu_scan_matches_reference_formulation(wavelet_fusion, batch, height, width):
+    """Without gradients, SS2D's four scans run in one kernel call that reads the map in place; it computes the
+    plain formulation's output (float64) within float32 precision, and gradient-enabled calls keep the other path."""
+    module = SS2D(16, d_state=4, wavelet_fusion=wavelet_fusion, wavelet_levels=2, scan_backend="cpu_kernel")
+    randomise_parameters(module)
+    with torch.no_grad():
+        module.A_log.mul_(0.3)
+        module.dt_proj_bias.mul_(0.3)
+    x = torch.randn(batch, height, width, 16)
+    reference = reference_ss2d(copy.deepcopy(module).double(), x.double())
+    with torch.no_grad():
+        assert module._fused_cross_scan_applies(*fused_scan_inputs(module, x))
+        y = module(x)
+    assert not module._fused_cross_scan_applies(*fused_scan_inputs(module, x))
+    torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    torch.testing.assert_close(module(x).double(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+
+
+def fused_scan_inputs(module: SS2D, x: torch.Tensor):
+    """The (u, projected) pair SS2D hands to its scans, for asking whether the fused kernel would take them."""
+    u = F.silu(module.local_conv(module.in_proj(x).chunk(2, dim=-1)[0].permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+    projected = F.linear(u, module.x_proj_weight.reshape(-1, module.d_inner))
+    return u, projected
+
+
+def test_network_inference_with_the_cpu_kernel_matches_the_pytorch_scan():
+    net = VMAMLUNet(in_channels=1, out_channels=2, **TINY).eval()
+    x = torch.randn(2, 1, 40, 72)
+    with torch.no_grad():
+        y_auto = net(x)
+        for module in net.modules():
+            if isinstance(module, SS2D):
+                module.scan_backend = "torch"
+        y_torch = net(x)
+    torch.testing.assert_close(y_auto, y_torch, rtol=1e-4, atol=1e-4 * y_torch.abs().max().item())
 
 
 def test_cross_scan_orders_and_cross_merge_inverts_them():

@@ -36,6 +36,7 @@ from scripts.release import (
     build_archive,
     read_large_files,
     verify,
+    with_pytorch_scan,
     write_large_files,
 )
 
@@ -164,9 +165,12 @@ def test_exported_torchscript_matches_the_checkpoint(released):
     stored = json.loads(extra["inference.json"])
     assert {k: stored[k] for k in TINY_NETWORK} == TINY_NETWORK
     assert stored["bundle_root"] == ".", "the release machine's path leaked into model.ts"
-    x = torch.rand(1, 3, 45, 70)
+    x = torch.rand(1, 3, 45, 70, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(exported.eval()(x), network(x), rtol=1e-4, atol=1e-4)
+        # TorchScript runs the PyTorch scan. Against the eager CPU kernel only float32 rounding separates them, which
+        # the O(1) random parameters amplify: both float32 paths were measured up to 6e-4 away from float64 here.
+        torch.testing.assert_close(exported.eval()(x), with_pytorch_scan(network)(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(exported.eval()(x), network(x), rtol=1e-3, atol=1e-3)
 
 
 def test_archive_holds_the_committed_bundle_files(released):

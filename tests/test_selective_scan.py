@@ -306,13 +306,8 @@ def test_empty_sequence() -> None:
     assert torch.equal(inputs[2].grad, torch.zeros_like(inputs[2]))
 
 
-def test_auto_on_cpu_equals_torch() -> None:
-    inputs = make_inputs(dtype=torch.float32)
-    assert torch.equal(selective_scan(*inputs, backend="auto"), selective_scan(*inputs, backend="torch"))
-
-
 def test_unknown_backend() -> None:
-    with pytest.raises(ValueError, match="'auto', 'torch', 'mamba_ssm'"):
+    with pytest.raises(ValueError, match="one of 'auto', 'torch', 'cpu_kernel', 'mamba_ssm', got 'cuda'"):
         selective_scan(*make_inputs(length=3), backend="cuda")
 
 
@@ -408,11 +403,13 @@ def test_torchscript(with_optional: bool, tmp_path: Path) -> None:
     inputs = [t.detach() if t is not None else None for t in make_inputs(dtype=torch.float32, length=70)]
     if not with_optional:
         inputs[5] = inputs[6] = None
-    expected = module(*inputs)
-    torch.testing.assert_close(scripted(*inputs), expected, rtol=0, atol=0)
+    # Eager runs the CPU kernel where it builds, TorchScript the PyTorch backend: equal within float32 rounding.
+    scripted_output = scripted(*inputs)
+    torch.testing.assert_close(scripted_output, module(*inputs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scripted_output, selective_scan(*inputs, backend="torch"), rtol=0, atol=0)
     path = tmp_path / "scan.pt"
     torch.jit.save(scripted, str(path))
-    torch.testing.assert_close(torch.jit.load(str(path))(*inputs), expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.jit.load(str(path))(*inputs), scripted_output, rtol=0, atol=0)
     with pytest.raises(torch.jit.Error, match="delta_bias must have shape"):
         scripted(*inputs[:5], None, torch.zeros(3))  # validation also runs under TorchScript
     with pytest.raises(torch.jit.Error, match="not available under TorchScript"):
@@ -433,3 +430,161 @@ def test_mamba_ssm_agrees_with_torch_backend_on_gpu() -> None:
         ARG_NAMES, grads_of(y_kernel, inputs, grad_y), grads_of(y_torch, inputs, grad_y)
     ):
         assert rel_err(g_kernel, g_torch.double()) < 1e-3, name
+
+
+# The fused CPU kernel (backend "cpu_kernel", and "auto" on the CPU). test_selective_scan_cpu.py checks that it builds
+# wherever a compiler is present, so these skips cannot hide a broken kernel on such a machine.
+requires_cpu_kernel = pytest.mark.skipif(
+    selective_scan_module.load_cpu_scan_kernel()[0] is None, reason="the CPU kernel cannot be built here (no compiler)"
+)
+
+
+def check_kernel_against_reference(inputs: List[Optional[Tensor]], delta_softplus: bool = True) -> None:
+    """float32 kernel forward, and the backward from its checkpoints, within 1e-5 of the float64 reference."""
+    inputs32 = [t.detach().float().requires_grad_() if t is not None else None for t in inputs]
+    y = selective_scan(*inputs32, delta_softplus=delta_softplus, backend="cpu_kernel")
+    y_ref = reference_scan(*inputs, delta_softplus=delta_softplus)
+    assert y.dtype == torch.float32 and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) < 1e-5
+    grad_y = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    for name, g, g_ref in zip(ARG_NAMES, grads_of(y, inputs32, grad_y.float()), grads_of(y_ref, inputs, grad_y)):
+        if g_ref is None:
+            assert g is None, name
+            continue
+        assert g is not None and rel_err(g, g_ref) < 1e-5, name
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize(
+    "batch,dim,groups,d_state,length",
+    # dim / groups of 16 (whole vectors of 8 or 16 lanes), 21 (vectors and five single channels) and 3 (single
+    # channels only); lengths that end inside a chunk; N = 1 and the network's 16.
+    [(2, 32, 2, 4, 130), (1, 42, 2, 16, 65), (3, 3, 1, 1, 7), (1, 64, 4, 16, 300)],
+)
+def test_cpu_kernel_matches_reference(batch: int, dim: int, groups: int, d_state: int, length: int) -> None:
+    check_kernel_against_reference(
+        make_inputs(batch=batch, dim=dim, groups=groups, d_state=d_state, length=length, seed=dim)
+    )
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("with_d,with_bias,delta_softplus", list(itertools.product([True, False], repeat=3)))
+def test_cpu_kernel_optional_terms(with_d: bool, with_bias: bool, delta_softplus: bool) -> None:
+    inputs = make_inputs(length=70, with_d=with_d, with_bias=with_bias, delta_max=None if delta_softplus else 2.0)
+    if not delta_softplus and with_bias:
+        inputs[6] = inputs[6].detach().abs().requires_grad_()
+    check_kernel_against_reference(inputs, delta_softplus=delta_softplus)
+
+
+@requires_cpu_kernel
+def test_cpu_kernel_softplus_over_its_whole_range() -> None:
+    """The kernel's own softplus (exp2, log and log1p approximations) on step sizes from e^-30 to 60, across the
+    threshold of 20 where softplus returns its input, and with decays that underflow."""
+    inputs = make_inputs(dim=16, groups=2, d_state=16, length=200, a_max=16.0, with_bias=False, seed=7)
+    with torch.no_grad():
+        inputs[1].copy_(torch.linspace(-30.0, 60.0, 16 * 200, dtype=torch.float64).view(1, 16, 200).expand(2, -1, -1))
+    y = selective_scan(*(t.detach().float() if t is not None else None for t in inputs), backend="cpu_kernel")
+    assert rel_err(y, reference_scan(*inputs)) < 1e-5
+
+
+@requires_cpu_kernel
+def test_cpu_kernel_long_memory_at_length_4096() -> None:
+    """Decays close to 1 over 4096 steps (stage 1 of a 256 x 256 input): a biased exp would compound here."""
+    inputs = make_inputs(batch=1, dim=16, groups=2, d_state=16, length=4096, a_max=0.5, seed=8)
+    with torch.no_grad():
+        inputs[1].copy_(inputs[1] - 6.0)  # step sizes near e^-6, so dt * A is about -1e-3
+    assert (
+        rel_err(selective_scan(*(t.detach().float() for t in inputs), backend="cpu_kernel"), reference_scan(*inputs))
+        < 1e-5
+    )
+
+
+@requires_cpu_kernel
+def test_cpu_kernel_writes_the_checkpoints_of_the_pytorch_forward() -> None:
+    inputs = [t.detach().float() for t in make_inputs(dim=16, groups=2, d_state=4, length=150)]
+    chunk = selective_scan_module._chunk_size(2 * 16 * 4)
+    out_kernel, checkpoints_kernel = selective_scan_module._kernel_forward(*inputs, True, True)
+    out_torch, checkpoints_torch = selective_scan_module._scan_forward(
+        *inputs, True, torch.float32, torch.float32, True
+    )
+    assert checkpoints_kernel.shape == checkpoints_torch.shape == (-(-150 // chunk), 2, 2, 4, 8)
+    torch.testing.assert_close(checkpoints_kernel, checkpoints_torch, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_kernel, out_torch, rtol=1e-5, atol=1e-5)
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("layout", ["contiguous", "time_major", "permuted"])
+def test_cpu_kernel_reads_any_layout(layout: str) -> None:
+    inputs = [t.detach().float() for t in make_inputs(dim=16, groups=2, d_state=4, length=70)]
+    u, delta, a, b, c, d, delta_bias = inputs
+    if layout == "time_major":
+        u, delta, b, c = (time_major(t) for t in (u, delta, b, c))
+    elif layout == "permuted":
+        u, delta = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (u, delta))
+        b, c = (t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1) for t in (b, c))
+    y = selective_scan(u, delta, a, b, c, d, delta_bias, backend="cpu_kernel")
+    assert y.movedim(-1, 0).is_contiguous()
+    torch.testing.assert_close(y, selective_scan(*inputs, backend="torch"), rtol=1e-5, atol=1e-5)
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_kernel_half_precision_inputs(dtype: torch.dtype) -> None:
+    inputs = make_inputs(length=70, dtype=dtype)
+    y = selective_scan(*inputs, backend="cpu_kernel")
+    assert y.dtype == dtype
+    y_ref = reference_scan(*inputs)
+    torch.testing.assert_close(y.double(), y_ref.to(dtype).double(), rtol=0, atol=y_ref.abs().max().item() * 1e-2)
+    y.sum().backward()
+    assert all(t is not None and t.grad is not None and t.grad.dtype == dtype for t in inputs)
+
+
+@requires_cpu_kernel
+def test_cpu_kernel_propagates_nan() -> None:
+    inputs = [t.detach().float() for t in make_inputs(dim=16, groups=2, d_state=4, length=20)]
+    inputs[0][0, 3, 5] = float("nan")
+    y = selective_scan(*inputs, backend="cpu_kernel")
+    assert torch.isnan(y[0, 3, 5:]).all() and torch.isfinite(y[0, 3, :5]).all() and torch.isfinite(y[1]).all()
+
+
+@requires_cpu_kernel
+def test_cpu_kernel_uses_every_thread_count_alike() -> None:
+    inputs = [t.detach().float() for t in make_inputs(batch=2, dim=40, groups=4, d_state=4, length=90)]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(selective_scan(*inputs, backend="cpu_kernel"))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+def test_auto_uses_the_cpu_kernel_where_it_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(selective_scan_module, "_kernel_forward", lambda *args: calls.append(args) or (None, None))
+    monkeypatch.setattr(selective_scan_module, "load_cpu_scan_kernel", lambda: (object(), None))
+    selective_scan(*[t.detach().float() for t in make_inputs(length=5)], backend="auto")
+    assert len(calls) == 1
+    calls.clear()
+    selective_scan(*[t.detach() for t in make_inputs(length=5)], backend="auto")  # float64: the PyTorch backend
+    assert not calls
+
+
+def test_auto_falls_back_to_pytorch_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(selective_scan_module, "load_cpu_scan_kernel", lambda: (None, RuntimeError("no compiler")))
+    inputs = [t.detach().float() for t in make_inputs(length=70)]
+    torch.testing.assert_close(selective_scan(*inputs, backend="auto"), selective_scan(*inputs, backend="torch"))
+    with pytest.raises(RuntimeError, match="kernel is unavailable: no compiler"):
+        selective_scan(*inputs, backend="cpu_kernel")
+
+
+@pytest.mark.parametrize(
+    "dtype,d_state,message", [(torch.float64, 4, "needs float32 or 16-bit"), (torch.float32, 65, "N <= 64")]
+)
+def test_cpu_kernel_backend_refuses_what_it_cannot_run(dtype: torch.dtype, d_state: int, message: str) -> None:
+    inputs = [t.detach().to(dtype) for t in make_inputs(d_state=d_state, length=5)]
+    with pytest.raises(ValueError, match=message):
+        selective_scan(*inputs, backend="cpu_kernel")
+    torch.testing.assert_close(selective_scan(*inputs, backend="auto"), selective_scan(*inputs, backend="torch"))

@@ -1,4 +1,5 @@
-"""Selective scan (the S6 recurrence of Mamba) with a mamba-ssm CUDA backend and a pure-PyTorch backend.
+"""Selective scan (the S6 recurrence of Mamba) with a mamba-ssm CUDA backend, a fused CPU kernel and a pure-PyTorch
+backend.
 
 The recurrence, per batch element ``b``, channel ``d`` and state ``n``::
 
@@ -14,6 +15,9 @@ formulations (cumulative sums of log decays) overflow at realistic ``dt * A``, s
 the states are recomputed chunk by chunk from checkpoints saved at every chunk and the adjoint recurrence is run
 backwards in the same fused way. Memory stays O(L) in the inputs instead of O(L * N) in the states, and time stays
 linear in L.
+
+On the CPU the forward pass is normally the fused kernel of :mod:`scripts.networks.selective_scan_cpu`, which writes
+the same checkpoints, so the backward pass above serves both.
 """
 
 import functools
@@ -25,10 +29,19 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from scripts.networks.parallel_scan import parallel_selective_scan
+from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel
 
-__all__ = ["selective_scan"]
+__all__ = ["selective_scan", "scan_backends", "cpu_kernel_applies"]
+
+# The CPU kernel keeps a work item's states in registers and L1: kMaxState in csrc/selective_scan_cpu.cpp.
+MAX_KERNEL_STATES = 64
 
 logger = logging.getLogger(__name__)
+
+
+def scan_backends() -> List[str]:
+    """The values of :func:`selective_scan`'s ``backend`` (a function because TorchScript reads no module tuples)."""
+    return ["auto", "torch", "cpu_kernel", "mamba_ssm"]
 
 
 def _chunk_size(step_elements: int) -> int:
@@ -53,8 +66,9 @@ def _validate(
     delta_bias: Optional[Tensor],
     backend: str,
 ) -> None:
-    if backend not in ("auto", "torch", "mamba_ssm"):
-        raise ValueError(f"backend must be one of 'auto', 'torch', 'mamba_ssm', got '{backend}'.")
+    backends = scan_backends()
+    if backend not in backends:
+        raise ValueError("backend must be one of '" + "', '".join(backends) + f"', got '{backend}'.")
     if u.dim() != 3:
         raise ValueError(f"u must have shape (batch, dim, L), got {list(u.shape)}.")
     batch, dim, length = u.shape[0], u.shape[1], u.shape[2]
@@ -378,8 +392,69 @@ def _output_dtype(u: Tensor, dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype == torch.float64 else u.dtype
 
 
+def _kernel_forward(
+    u: Tensor,
+    delta: Tensor,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    d: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    save_checkpoints: bool,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`_scan_forward` in float32 by the fused CPU kernel, with the same chunks and checkpoints."""
+    ops, _ = load_cpu_scan_kernel()
+    chunk = _chunk_size(u.shape[0] * u.shape[1] * b.shape[2])
+    # The kernel reads float32 only; 16-bit inputs are widened as the PyTorch backend widens them chunk by chunk.
+    out, checkpoints = ops.selective_scan_forward(
+        u.float(),
+        delta.float(),
+        a.float(),
+        b.float(),
+        c.float(),
+        d.float() if d is not None else None,
+        delta_bias.float() if delta_bias is not None else None,
+        delta_softplus,
+        chunk,
+        save_checkpoints,
+    )
+    return out.to(u.dtype), checkpoints
+
+
+def cpu_kernel_applies(backend: str, dtype: torch.dtype, device: torch.device, d_state: int) -> bool:
+    """
+    Whether ``backend`` runs the fused CPU kernel for inputs of ``dtype`` on ``device`` with ``d_state`` states.
+
+    ``"cpu_kernel"`` and ``"auto"`` use it for CPU tensors that are not float64 (float64 keeps the PyTorch backend, the
+    precision of gradcheck and of references) with at most ``MAX_KERNEL_STATES`` states; ``"auto"`` falls back to the
+    PyTorch backend otherwise and when the kernel cannot be built here, ``"cpu_kernel"`` raises instead.
+
+    Raises:
+        ValueError: ``backend="cpu_kernel"`` with tensors that are not on the CPU, float64 tensors or too many states.
+        RuntimeError: ``backend="cpu_kernel"`` when the kernel cannot be built or loaded.
+    """
+    if backend == "cpu_kernel":
+        if device.type != "cpu" or dtype == torch.float64 or d_state > MAX_KERNEL_STATES:
+            raise ValueError(
+                f"backend='cpu_kernel' needs float32 or 16-bit CPU tensors with N <= {MAX_KERNEL_STATES} states, got "
+                f"{dtype} on '{device}' with N = {d_state}; use 'auto'."
+            )
+        ops, err = load_cpu_scan_kernel()
+        if ops is None:
+            raise RuntimeError(f"backend='cpu_kernel' was requested but the kernel is unavailable: {err}") from err
+        return True
+    return (
+        backend == "auto"
+        and device.type == "cpu"
+        and dtype != torch.float64
+        and d_state <= MAX_KERNEL_STATES
+        and load_cpu_scan_kernel()[0] is not None
+    )
+
+
 class _SelectiveScanFunction(torch.autograd.Function):
-    """Autograd wrapper of the pure-PyTorch scan with the checkpointed hand-written backward."""
+    """Autograd wrapper of the fused CPU kernel or the pure-PyTorch scan, with the checkpointed backward."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -392,15 +467,19 @@ class _SelectiveScanFunction(torch.autograd.Function):
         d: Optional[Tensor],
         delta_bias: Optional[Tensor],
         delta_softplus: bool,
+        use_kernel: bool,
     ) -> Tensor:
         dtype = _compute_dtype(u, delta, a, b, c, d, delta_bias)
         out_dtype = _output_dtype(u, dtype)
         save_checkpoints = any(ctx.needs_input_grad)
         # Autocast would run the batched matmuls in 16 bits; the scan accumulates in `dtype` by design.
         with torch.autocast(device_type=u.device.type, enabled=False):
-            out, checkpoints = _scan_forward(
-                u, delta, a, b, c, d, delta_bias, delta_softplus, dtype, out_dtype, save_checkpoints
-            )
+            if use_kernel:
+                out, checkpoints = _kernel_forward(u, delta, a, b, c, d, delta_bias, delta_softplus, save_checkpoints)
+            else:
+                out, checkpoints = _scan_forward(
+                    u, delta, a, b, c, d, delta_bias, delta_softplus, dtype, out_dtype, save_checkpoints
+                )
         ctx.delta_softplus = delta_softplus
         ctx.save_for_backward(u, delta, a, b, c, d, delta_bias, checkpoints)
         return out
@@ -414,7 +493,7 @@ class _SelectiveScanFunction(torch.autograd.Function):
             grads = _scan_backward(
                 grad_y, u, delta, a, b, c, d, delta_bias, ctx.delta_softplus, checkpoints, needs_grad
             )
-        return (*grads, None)
+        return (*grads, None, None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -460,11 +539,13 @@ def _selective_scan_eager(
             raise ImportError(f"backend='mamba_ssm' was requested but mamba_ssm cannot be imported: {err}") from err
         return selective_scan_fn(u, delta, a, b, c, d, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus)
     # mamba-ssm's kernel has no float64 path, so float64 (e.g. gradcheck on a GPU) always takes the PyTorch backend.
-    if backend == "auto" and on_cuda and _compute_dtype(u, delta, a, b, c, d, delta_bias) != torch.float64:
+    dtype = _compute_dtype(u, delta, a, b, c, d, delta_bias)
+    if backend == "auto" and on_cuda and dtype != torch.float64:
         selective_scan_fn, _ = _load_mamba_selective_scan()
         if selective_scan_fn is not None:
             return selective_scan_fn(u, delta, a, b, c, d, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus)
-    return _SelectiveScanFunction.apply(u, delta, a, b, c, d, delta_bias, delta_softplus)
+    use_kernel = cpu_kernel_applies(backend, dtype, u.device, b.shape[2])
+    return _SelectiveScanFunction.apply(u, delta, a, b, c, d, delta_bias, delta_softplus, use_kernel)
 
 
 # A, B, C, D keep mamba-ssm's argument names, which its users know.
@@ -495,23 +576,28 @@ def selective_scan(
         D: skip connection per channel, ``(dim,)``, or None.
         delta_bias: bias added to ``delta`` per channel, ``(dim,)``, or None.
         delta_softplus: apply softplus to ``delta + delta_bias``.
-        backend: ``"auto"`` uses mamba-ssm's CUDA kernel for CUDA tensors when ``mamba_ssm`` imports and the
-            PyTorch backend otherwise; ``"torch"`` always uses the PyTorch backend; ``"mamba_ssm"`` requires the
-            CUDA kernel and raises if it cannot be used. Under TorchScript only the PyTorch backend exists and it
-            is forward-only (for inference and export): ``"mamba_ssm"`` raises there.
+        backend: ``"auto"`` uses mamba-ssm's CUDA kernel for CUDA tensors when ``mamba_ssm`` imports, the fused
+            CPU kernel (:mod:`scripts.networks.selective_scan_cpu`, forward pass; the backward pass is the PyTorch
+            one) for CPU tensors when it can be built, and the PyTorch backend otherwise; ``"torch"`` always uses the
+            PyTorch backend; ``"cpu_kernel"`` and ``"mamba_ssm"`` require their kernel and raise if it cannot be
+            used. float64 inputs always take the PyTorch backend on the CPU. Under TorchScript only the PyTorch
+            backend exists and it is forward-only (for inference and export): ``"mamba_ssm"`` raises there and
+            ``"cpu_kernel"`` runs the PyTorch backend.
 
     Inputs may have any strides. Time-major inputs (``L`` outermost in memory, e.g. ``x.permute(1, 2, 0)`` of a
     contiguous ``(L, batch, dim)`` tensor, as :class:`SS2D` makes them) are read in place; others are copied chunk by
     chunk.
 
     Returns:
-        ``(batch, dim, L)``: time-major in memory like ``u`` when ``u`` is time-major and the PyTorch backend runs,
-        contiguous otherwise.
+        ``(batch, dim, L)``: time-major in memory from the CPU kernel, and from the PyTorch backend when ``u`` is
+        time-major; contiguous otherwise.
 
     Raises:
-        ValueError: for an unknown ``backend``, mis-shaped or non-floating-point inputs, or ``backend="mamba_ssm"``
-            with tensors that are not on CUDA.
+        ValueError: for an unknown ``backend``, mis-shaped or non-floating-point inputs, ``backend="mamba_ssm"``
+            with tensors that are not on CUDA, or ``backend="cpu_kernel"`` with tensors that are not on the CPU or
+            are float64.
         ImportError: for ``backend="mamba_ssm"`` when ``mamba_ssm`` cannot be imported.
+        RuntimeError: for ``backend="cpu_kernel"`` when the kernel cannot be built or loaded.
     """
     _validate(u, delta, A, B, C, D, delta_bias, backend)
     if torch.jit.is_scripting():

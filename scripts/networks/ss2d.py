@@ -1,20 +1,23 @@
 """SS2D: the 2D selective-scan module of VM-UNet, with an optional wavelet convolution (VMAML-UNet's SS2D_wt)."""
 
-from __future__ import annotations
-
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F  # noqa: N812
 
-from scripts.networks.selective_scan import selective_scan
+from scripts.networks.selective_scan import cpu_kernel_applies, selective_scan
+from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel
 from scripts.networks.wavelet_conv import WTConv2d
 
 __all__ = ["SS2D", "WAVELET_FUSION_MODES", "cross_scan", "cross_merge"]
 
 WAVELET_FUSION_MODES = ("replace", "parallel", "none")
 NUM_SCAN_DIRECTIONS = 4
+# Steps that every work item of a thread of the fused CPU kernel advances before the next chunk: the chunk's pixels
+# stay in cache while the thread's channel blocks pass over them.
+FUSED_SCAN_CHUNK = 64
 
 
 class SS2D(nn.Module):
@@ -24,6 +27,8 @@ class SS2D(nn.Module):
     The input is projected to ``x`` and a gate ``z``; ``x`` goes through a local convolution and SiLU, is flattened
     into four sequences (row-major, column-major and the reverse of each), scanned by one selective-scan call with
     the directions as groups, merged back in row-major order, normalised, gated by ``SiLU(z)`` and projected out.
+    Without gradients on the CPU (the ``"auto"`` and ``"cpu_kernel"`` backends), the four scans and the merge are one
+    call of the fused CPU kernel, which reads the map in each direction's order in place.
 
     Args:
         dim: channels ``C`` of the input and output.
@@ -35,7 +40,7 @@ class SS2D(nn.Module):
             depthwise conv alone (plain VM-UNet).
         wavelet_levels: wavelet decomposition levels of the WTConv (capped at run time by the map size).
         wavelet_kernel_size: kernel size of the WTConv's convolutions.
-        scan_backend: ``"auto"``, ``"torch"`` or ``"mamba_ssm"``, see :func:`selective_scan`.
+        scan_backend: ``"auto"``, ``"cpu_kernel"``, ``"torch"`` or ``"mamba_ssm"``, see :func:`selective_scan`.
         dt_min: lower end of the initial step sizes ``softplus(dt_bias)``.
         dt_max: upper end of the initial step sizes.
 
@@ -48,7 +53,7 @@ class SS2D(nn.Module):
         dim: int,
         d_state: int = 16,
         expand: int = 2,
-        dt_rank: int | None = None,
+        dt_rank: Optional[int] = None,
         wavelet_fusion: str = "replace",
         wavelet_levels: int = 1,
         wavelet_kernel_size: int = 3,
@@ -69,7 +74,7 @@ class SS2D(nn.Module):
 
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.local_conv: nn.Module
-        self.wavelet_branch: nn.Module | None = None
+        self.wavelet_branch: Optional[nn.Module] = None
         if wavelet_fusion == "replace":
             self.local_conv = WTConv2d(d_inner, kernel_size=wavelet_kernel_size, levels=wavelet_levels)
         else:
@@ -103,7 +108,6 @@ class SS2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape
-        length = height * width
         k = self.num_directions
 
         u, z = self.in_proj(x).chunk(2, dim=-1)
@@ -115,14 +119,28 @@ class SS2D(nn.Module):
             local = local + self.wavelet_branch(u)
         u = F.silu(local).permute(0, 2, 3, 1).contiguous()
 
-        # x_proj is a per-position linear map, so it is applied once per pixel before the cross-scan reorders pixels.
+        # x_proj is a per-position linear map, so it is applied once per pixel before the scans reorder pixels.
         projected = F.linear(u, self.x_proj_weight.reshape(-1, self.d_inner)).view(batch, height, width, k, -1)
+        if not torch.jit.is_scripting() and self._fused_cross_scan_applies(u, projected):
+            y = self._fused_cross_scan(u, projected)
+        else:
+            y = self._cross_scan(u, projected)
+        y = self.out_norm(y.to(z.dtype)) * F.silu(z)
+        return self.out_proj(y)
+
+    def _dt_projection(self) -> torch.Tensor:
+        """The K step-size projections as one block-diagonal ``(K * d_inner, K * dt_rank)`` matrix: one matmul."""
+        k = self.num_directions
+        eye = torch.eye(k, dtype=self.dt_proj_weight.dtype, device=self.dt_proj_weight.device)
+        return (self.dt_proj_weight.unsqueeze(2) * eye[:, None, :, None]).reshape(k * self.d_inner, -1)
+
+    def _cross_scan(self, u: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """The four scans through :func:`cross_scan`, :func:`selective_scan` and :func:`cross_merge` (any backend)."""
+        batch, height, width, k, _ = projected.shape
+        length = height * width
         seqs = cross_scan(u.unsqueeze(3).expand(batch, height, width, k, self.d_inner))
         dts, b, c = torch.split(cross_scan(projected), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # The K step-size projections as one block-diagonal product, straight into the scan's (L, B, K * d_inner).
-        eye = torch.eye(k, dtype=self.dt_proj_weight.dtype, device=self.dt_proj_weight.device)
-        dt_proj = (self.dt_proj_weight.unsqueeze(2) * eye[:, None, :, None]).reshape(k * self.d_inner, -1)
-        delta = F.linear(dts.reshape(length, batch, -1), dt_proj)
+        delta = F.linear(dts.reshape(length, batch, -1), self._dt_projection())
 
         # (L, B, ...) memory seen as (B, ..., L): the time-major layout the PyTorch scan reads without copies.
         y = selective_scan(
@@ -136,10 +154,40 @@ class SS2D(nn.Module):
             True,
             self.scan_backend,
         )
-        y = cross_merge(y.permute(2, 0, 1).reshape(length, batch, k, self.d_inner), height, width)
+        return cross_merge(y.permute(2, 0, 1).reshape(length, batch, k, self.d_inner), height, width)
 
-        y = self.out_norm(y.to(z.dtype)) * F.silu(z)
-        return self.out_proj(y)
+    # Eager-only, as the kernel is: `unused` keeps TorchScript from compiling these two. TorchScript still reads their
+    # signatures, and cannot resolve postponed (string) annotations there: this module does not postpone them.
+    @torch.jit.unused
+    def _fused_cross_scan_applies(self, u: torch.Tensor, projected: torch.Tensor) -> bool:
+        # The fused kernel has no backward pass: whenever a gradient may be asked for, the scans run through
+        # selective_scan, whose backward is hand-written. Exporters cannot see into the kernel either.
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (u, projected, self.A_log, self.D, self.dt_proj_weight, self.dt_proj_bias)
+        )
+        exporting = torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+        return (
+            not needs_grad and not exporting and cpu_kernel_applies(self.scan_backend, u.dtype, u.device, self.d_state)
+        )
+
+    @torch.jit.unused
+    def _fused_cross_scan(self, u: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """The four scans by the fused CPU kernel, reading pixels in place (no cross-scan copies, no cross-merge)."""
+        batch, height, width, k, _ = projected.shape
+        dts, b, c = torch.split(projected.float(), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dts.reshape(batch * height * width, -1), self._dt_projection().float())
+        ops, _ = load_cpu_scan_kernel()
+        return ops.cross_selective_scan_forward(
+            u.float(),
+            delta.view(batch, height, width, k, self.d_inner),
+            -torch.exp(self.A_log.float()),
+            b,
+            c,
+            self.D.float(),
+            self.dt_proj_bias.reshape(-1).float(),
+            True,
+            FUSED_SCAN_CHUNK,
+        )
 
 
 def cross_scan(x: torch.Tensor) -> torch.Tensor:

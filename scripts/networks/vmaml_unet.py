@@ -38,7 +38,7 @@ class VMAMLUNet(nn.Module):
         wavelet_levels: wavelet decomposition levels per stage, shallowest first (also used by WCAA on the skips).
         use_wcaa: aggregate the skips with WCAA; ``False`` adds them as VM-UNet does.
         kan_side_heads: add KAN convolution deep-supervision heads (training mode only).
-        scan_backend: selective-scan backend: ``"auto"``, ``"torch"`` or ``"mamba_ssm"``.
+        scan_backend: selective-scan backend: ``"auto"``, ``"cpu_kernel"``, ``"torch"`` or ``"mamba_ssm"``.
 
     Shapes:
         input ``(B, in_channels, H, W)`` of any size: it is padded to a multiple of ``4 * 2**(len(dims) - 1)`` (32 by

@@ -1,0 +1,483 @@
+// Fused selective scan for the CPU: the S6 recurrence of Mamba in a single pass over its inputs.
+//
+// The PyTorch backend (selective_scan.py) materialises the decays exp(dt * A) and the input terms of every step as
+// (L, batch, dim, N) tensors and runs the recurrence one step per tensor operation, so its time goes into memory
+// passes and per-operation overheads. Here each work item owns a block of channels and walks through time with its
+// states (N x block floats) in L1: the softplus, the decays, the state update and the contraction with C all happen
+// in registers, and the only memory traffic is reading the inputs and writing the outputs once.
+//
+// Two operators, registered as torch.ops.vmaml_unet.*:
+//   selective_scan_forward: mamba-ssm's selective_scan_fn convention (batch, dim, L) with grouped B and C, and the
+//     states entering every chunk for the PyTorch backward pass.
+//   cross_selective_scan_forward: SS2D's four scans of a (batch, H, W, channels) map (row-major, column-major and the
+//     reverse of each) read straight from the map in pixel order and summed back into it, which replaces SS2D's
+//     cross-scan copies and cross-merge. Inference only (no states are kept).
+//
+// Compiled at first use by scripts/networks/selective_scan_cpu.py for the CPU it runs on (-march=native), with
+// -fno-trapping-math: the branch-free approximations below vectorise only when the compiler may evaluate both sides
+// of a select.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr float kLog2E = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// Channels per work item: one vector of the widest kind the CPU has (measured on an AVX-512 CPU, 16 lanes ran the
+// scan 1.6x faster than 8; compiled without AVX-512, 16 lanes ran 4x slower than 8).
+#if defined(__AVX512F__)
+constexpr int kBlock = 16;
+#else
+constexpr int kBlock = 8;
+#endif
+constexpr int kDirections = 4;
+constexpr int64_t kMaxState = 64;
+constexpr int64_t kMaxChunk = 4096;  // bounds the per-thread chunk buffers
+
+// kBlock float32 lanes in GCC/Clang vector extensions: one AVX-512 or AVX2 register where the CPU has them, pairs of
+// SSE or NEON registers elsewhere. Written out rather than left to auto-vectorisation, which may pick the state loop
+// instead of the channel loop and then gathers every operand.
+typedef float Vec __attribute__((vector_size(kBlock * sizeof(float))));
+typedef int32_t IVec __attribute__((vector_size(kBlock * sizeof(int32_t))));
+
+inline Vec splat(float x) {
+  return Vec{} + x;
+}
+
+inline Vec as_float(IVec bits) {
+  Vec value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+inline IVec as_int(Vec value) {
+  IVec bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// Full blocks load and store whole vectors; the channels past the last full block are handled one at a time, in
+// lane 0 of a vector whose other lanes are zero.
+template <bool Full>
+inline Vec load(const float* src) {
+  Vec v{};
+  std::memcpy(&v, src, (Full ? kBlock : 1) * sizeof(float));
+  return v;
+}
+
+template <bool Full>
+inline void store(float* dst, Vec v) {
+  std::memcpy(dst, &v, (Full ? kBlock : 1) * sizeof(float));
+}
+
+// 2^x within 1.1e-7 relative for x >= -126 (below, 2^-126 times the fraction's power). Rounding to the nearest
+// integer, not down, leaves a small |x| as the fraction unchanged: decays close to 1 carry the scan's long memory,
+// and their errors must not be biased (a bias of 1e-8 per step compounds over thousands of steps).
+inline Vec exp2_approx(Vec x) {
+  x = x < -126.0f ? splat(-126.0f) : x;
+  x = x > 126.0f ? splat(126.0f) : x;
+  // Adding and subtracting 1.5 * 2^23 rounds |x| < 2^22 to the nearest integer.
+  const Vec whole = (x + 12582912.0f) - 12582912.0f;
+  const Vec f = x - whole;
+  // least-squares fit of 2^f on [-0.5, 0.5] with the constant term fixed to 1
+  Vec p = splat(1.5370711e-4f);
+  p = p * f + 1.3399853e-3f;
+  p = p * f + 9.6183736e-3f;
+  p = p * f + 5.5503290e-2f;
+  p = p * f + 2.4022648e-1f;
+  p = p * f + 6.9314718e-1f;
+  p = p * f + 1.0f;
+  return p * as_float((__builtin_convertvector(whole, IVec) + 127) << 23);
+}
+
+// ln(x) for finite x >= 1: x = m 2^e with m in [sqrt(1/2), sqrt(2)), ln(m) = 2 atanh(s) with s = (m - 1) / (m + 1),
+// |s| <= 0.172, summed to s^9 (truncation error below 1e-9).
+inline Vec log_approx(Vec x) {
+  const IVec bits = as_int(x);
+  IVec exponent = ((bits >> 23) & 0xff) - 127;
+  Vec m = as_float((bits & 0x007fffff) | 0x3f800000);
+  const IVec high = m > 1.41421356f;  // lanes of -1 where true
+  m = high ? m * 0.5f : m;
+  exponent -= high;
+  const Vec s = (m - 1.0f) / (m + 1.0f);
+  const Vec s2 = s * s;
+  Vec p = splat(1.0f / 9.0f);
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p + __builtin_convertvector(exponent, Vec) * kLn2;
+}
+
+// torch.nn.functional.softplus with its default threshold: x above 20, else log1p(exp(x)). log1p(e) is computed as
+// ln(1 + e) * e / ((1 + e) - 1), which cancels the rounding of 1 + e: step sizes of 1e-3 (the initial range of SS2D)
+// would otherwise lose four digits.
+inline Vec softplus_approx(Vec x) {
+  const Vec e = exp2_approx(x * kLog2E);
+  const Vec one_plus = 1.0f + e;
+  const Vec log1p = one_plus == 1.0f ? e : log_approx(one_plus) * e / (one_plus - 1.0f);
+  return x > 20.0f ? x : log1p;
+}
+
+// A float32 operand with unit channel stride: element (batch b, group or direction k, channel c, position p) at
+// data + b * batch + k * group + c + p * position.
+struct Sequence {
+  float* data;
+  int64_t batch;
+  int64_t group;
+  int64_t position;
+};
+
+// B or C: element (b, k, state n, position p) at data + b * batch + k * group + n * state + p * position.
+struct Projection {
+  const float* data;
+  int64_t batch;
+  int64_t group;
+  int64_t state;
+  int64_t position;
+};
+
+struct ScanProblem {
+  int64_t batch;
+  int64_t groups;    // groups of B and C, or the four scan directions
+  int64_t channels;  // channels per group
+  int64_t d_state;
+  int64_t length;
+  int64_t height;  // of the map in cross mode (length = height * width)
+  int64_t width;
+  bool cross;       // group k scans the map in direction k; otherwise position = step
+  bool accumulate;  // the groups share `out` (cross mode): a work item runs all of them and adds their outputs
+  bool delta_softplus;
+  int64_t chunk;  // steps per chunk: every work item of a thread advances one chunk before the next chunk starts
+  Sequence u;
+  Sequence delta;
+  Sequence out;
+  Projection b;
+  Projection c;
+  const float* a2;          // (N, groups * channels): A transposed, times log2(e)
+  const float* skip;        // D, (groups * channels), or nullptr
+  const float* delta_bias;  // (groups * channels), or nullptr
+  float* checkpoints;       // (num_chunks, batch, groups, N, channels): the states entering each chunk, or nullptr
+};
+
+// Position read at step t by direction k of a height x width map: row-major, column-major, and the reverse of each.
+inline int64_t cross_position(const ScanProblem& p, int64_t k, int64_t t) {
+  switch (k) {
+    case 0:
+      return t;
+    case 1:
+      return (t % p.height) * p.width + t / p.height;
+    case 2:
+      return p.length - 1 - t;
+    default:
+      return p.length - 1 - ((t % p.height) * p.width + t / p.height);
+  }
+}
+
+// Per-thread buffers for one chunk: the positions each group reads, and the step sizes, inputs dt * u and outputs of
+// a block of channels.
+struct ChunkScratch {
+  explicit ChunkScratch(const ScanProblem& p)
+      : positions(p.groups * p.chunk), dt(p.chunk), du(p.chunk), y(p.chunk) {}
+  std::vector<int64_t> positions;  // (groups, chunk)
+  std::vector<Vec> dt;
+  std::vector<Vec> du;
+  std::vector<Vec> y;
+};
+
+// Steps [t0, t1) of group k for the block of channels from c0 (kBlock of them if Full, else one), its states h
+// (one vector per state) updated in place. The step sizes (softplus and all) of the whole chunk are computed before
+// its recurrence, so that neither waits for the other's latency.
+template <bool Full>
+void scan_steps(
+    const ScanProblem& p, int64_t b, int64_t k, int64_t c0, int64_t t0, int64_t t1, Vec* h, ChunkScratch& scratch) {
+  const int64_t param = k * p.channels + c0;
+  const int64_t all_channels = p.groups * p.channels;
+  const int64_t steps = t1 - t0;
+  const int64_t* positions = scratch.positions.data() + k * p.chunk;
+  Vec* dt = scratch.dt.data();
+  Vec* du = scratch.du.data();
+  Vec* y = scratch.y.data();
+
+  const Vec bias = p.delta_bias != nullptr ? load<Full>(p.delta_bias + param) : Vec{};
+  const Vec skip = p.skip != nullptr ? load<Full>(p.skip + param) : Vec{};
+  const float* u_base = p.u.data + b * p.u.batch + k * p.u.group + c0;
+  const float* delta_base = p.delta.data + b * p.delta.batch + k * p.delta.group + c0;
+  for (int64_t i = 0; i < steps; ++i) {
+    const Vec u = load<Full>(u_base + positions[i] * p.u.position);
+    const Vec x = load<Full>(delta_base + positions[i] * p.delta.position) + bias;
+    dt[i] = p.delta_softplus ? softplus_approx(x) : x;
+    du[i] = dt[i] * u;
+    y[i] = skip * u;
+  }
+
+  Vec a2[kMaxState];
+  for (int64_t n = 0; n < p.d_state; ++n) {
+    a2[n] = load<Full>(p.a2 + n * all_channels + param);
+  }
+  const float* b_base = p.b.data + b * p.b.batch + k * p.b.group;
+  const float* c_base = p.c.data + b * p.c.batch + k * p.c.group;
+  for (int64_t i = 0; i < steps; ++i) {
+    const float* b_t = b_base + positions[i] * p.b.position;
+    const float* c_t = c_base + positions[i] * p.c.position;
+    Vec y_t = y[i];
+    for (int64_t n = 0; n < p.d_state; ++n) {
+      h[n] = exp2_approx(dt[i] * a2[n]) * h[n] + du[i] * b_t[n * p.b.state];
+      y_t += c_t[n * p.c.state] * h[n];
+    }
+    y[i] = y_t;
+  }
+
+  float* out_base = p.out.data + b * p.out.batch + k * p.out.group + c0;
+  for (int64_t i = 0; i < steps; ++i) {
+    float* out = out_base + positions[i] * p.out.position;
+    store<Full>(out, p.accumulate ? load<Full>(out) + y[i] : y[i]);
+  }
+}
+
+// A work item: batch element b, a group (or all four directions when accumulating), and kBlock channels or, past the
+// last full block, one channel.
+struct WorkItem {
+  int64_t b;
+  int64_t k;
+  int64_t c0;
+  int width;
+};
+
+WorkItem work_item(const ScanProblem& p, int64_t index) {
+  const int64_t full = p.channels / kBlock;
+  const int64_t per_group = full + p.channels % kBlock;
+  const int64_t groups = p.accumulate ? 1 : p.groups;
+  const int64_t q = index % per_group;
+  const int64_t k = (index / per_group) % groups;
+  const int64_t b = index / (per_group * groups);
+  return q < full ? WorkItem{b, k, q * kBlock, kBlock} : WorkItem{b, k, full * kBlock + (q - full), 1};
+}
+
+int64_t num_work_items(const ScanProblem& p) {
+  const int64_t per_group = p.channels / kBlock + p.channels % kBlock;
+  return p.batch * (p.accumulate ? 1 : p.groups) * per_group;
+}
+
+// Items [first, last) over the whole sequence. states: (items, groups per item, N) vectors, zero on entry.
+void run_items(const ScanProblem& p, int64_t first, int64_t last, Vec* states) {
+  const int64_t groups_per_item = p.accumulate ? p.groups : 1;
+  ChunkScratch scratch(p);
+  for (int64_t t0 = 0; t0 < p.length; t0 += p.chunk) {
+    const int64_t t1 = std::min(p.length, t0 + p.chunk);
+    for (int64_t k = 0; k < p.groups; ++k) {
+      for (int64_t t = t0; t < t1; ++t) {
+        scratch.positions[k * p.chunk + t - t0] = p.cross ? cross_position(p, k, t) : t;
+      }
+    }
+    for (int64_t index = first; index < last; ++index) {
+      const WorkItem item = work_item(p, index);
+      for (int64_t g = 0; g < groups_per_item; ++g) {
+        const int64_t k = p.accumulate ? g : item.k;
+        Vec* h = states + ((index - first) * groups_per_item + g) * p.d_state;
+        if (p.checkpoints != nullptr) {
+          float* saved = p.checkpoints +
+              (((t0 / p.chunk) * p.batch + item.b) * p.groups + k) * p.d_state * p.channels + item.c0;
+          for (int64_t n = 0; n < p.d_state; ++n) {
+            std::memcpy(saved + n * p.channels, &h[n], item.width * sizeof(float));
+          }
+        }
+        if (item.width == kBlock) {
+          scan_steps<true>(p, item.b, k, item.c0, t0, t1, h, scratch);
+        } else {
+          scan_steps<false>(p, item.b, k, item.c0, t0, t1, h, scratch);
+        }
+      }
+    }
+  }
+}
+
+// Work items are split into contiguous ranges, one per thread of torch's intra-op thread count. Items never share
+// channels, so the threads need no synchronisation; std::thread rather than at::parallel_for because the latter is
+// inlined from the OpenMP headers, which this extension is not built against.
+void run(const ScanProblem& p) {
+  const int64_t items = num_work_items(p);
+  if (items == 0 || p.length == 0) {
+    return;
+  }
+  const int64_t per_item = (p.accumulate ? p.groups : 1) * p.d_state;
+  std::vector<Vec> states(items * per_item, Vec{});
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  auto range = [&](int64_t i) { return items * i / threads; };
+  for (int64_t i = 1; i < threads; ++i) {
+    pool.emplace_back(run_items, std::cref(p), range(i), range(i + 1), states.data() + range(i) * per_item);
+  }
+  run_items(p, 0, range(1), states.data());
+  for (auto& thread : pool) {
+    thread.join();
+  }
+}
+
+void check_float32_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "the CPU selective scan needs CPU tensors, got ", name, " on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "the CPU selective scan needs float32, got ", name, " as ", t.scalar_type());
+}
+
+void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+  check_float32_cpu(u, "u");
+  check_float32_cpu(delta, "delta");
+  check_float32_cpu(a, "A");
+  check_float32_cpu(b, "B");
+  check_float32_cpu(c, "C");
+}
+
+at::Tensor log2e_a_transposed(const at::Tensor& a) {
+  return (a.t() * kLog2E).contiguous();
+}
+
+const float* optional_data(const c10::optional<at::Tensor>& t, at::Tensor& holder, const char* name) {
+  if (!t.has_value()) {
+    return nullptr;
+  }
+  check_float32_cpu(*t, name);
+  holder = t->contiguous();
+  return holder.data_ptr<float>();
+}
+
+// u, delta: (batch, dim, L); A: (dim, N); B, C: (batch, groups, N, L); D, delta_bias: (dim,) or None.
+// Returns the output (batch, dim, L), time-major in memory, and the states entering every chunk of `chunk` steps,
+// (num_chunks, batch, groups, N, dim / groups), or an empty tensor without save_checkpoints.
+std::tuple<at::Tensor, at::Tensor> selective_scan_forward(
+    const at::Tensor& u,
+    const at::Tensor& delta,
+    const at::Tensor& a,
+    const at::Tensor& b,
+    const at::Tensor& c,
+    const c10::optional<at::Tensor>& d,
+    const c10::optional<at::Tensor>& delta_bias,
+    bool delta_softplus,
+    int64_t chunk,
+    bool save_checkpoints) {
+  check_inputs(u, delta, a, b, c);
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "u and delta must be (batch, dim, L) of one shape");
+  TORCH_CHECK(b.dim() == 4 && c.sizes() == b.sizes(), "B and C must be (batch, groups, N, L) of one shape");
+  TORCH_CHECK(chunk > 0 && chunk <= kMaxChunk, "chunk must be in [1, ", kMaxChunk, "], got ", chunk);
+  const int64_t batch = u.size(0), dim = u.size(1), length = u.size(2);
+  const int64_t groups = b.size(1), d_state = b.size(2);
+  TORCH_CHECK(groups > 0 && dim % groups == 0, "the groups of B and C must divide dim");
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == dim && a.size(1) == d_state, "A must be (dim, N)");
+  TORCH_CHECK(d_state <= kMaxState, "the CPU selective scan supports N <= ", kMaxState, ", got ", d_state);
+  // Unit channel stride lets a work item's channels load as one vector; (batch, dim, L)-contiguous inputs are
+  // transposed to time-major once.
+  auto time_major = [](const at::Tensor& t) { return t.stride(1) == 1 ? t : t.permute({2, 0, 1}).contiguous().permute({1, 2, 0}); };
+  const at::Tensor u_t = time_major(u), delta_t = time_major(delta);
+  at::Tensor out = at::empty({length, batch, dim}, u.options()).permute({1, 2, 0});
+  const int64_t num_chunks = (length + chunk - 1) / chunk;
+  at::Tensor checkpoints = at::empty(
+      {save_checkpoints ? num_chunks : 0, batch, groups, d_state, dim / groups}, u.options());
+  const at::Tensor a2 = log2e_a_transposed(a);
+  at::Tensor d_holder, bias_holder;
+  ScanProblem p{};
+  p.batch = batch;
+  p.groups = groups;
+  p.channels = dim / groups;
+  p.d_state = d_state;
+  p.length = length;
+  p.height = 1;
+  p.width = length;
+  p.cross = false;
+  p.accumulate = false;
+  p.delta_softplus = delta_softplus;
+  p.chunk = chunk;
+  p.u = {u_t.data_ptr<float>(), u_t.stride(0), p.channels, u_t.stride(2)};
+  p.delta = {delta_t.data_ptr<float>(), delta_t.stride(0), p.channels, delta_t.stride(2)};
+  p.out = {out.data_ptr<float>(), out.stride(0), p.channels, out.stride(2)};
+  p.b = {b.data_ptr<float>(), b.stride(0), b.stride(1), b.stride(2), b.stride(3)};
+  p.c = {c.data_ptr<float>(), c.stride(0), c.stride(1), c.stride(2), c.stride(3)};
+  p.a2 = a2.data_ptr<float>();
+  p.skip = optional_data(d, d_holder, "D");
+  p.delta_bias = optional_data(delta_bias, bias_holder, "delta_bias");
+  p.checkpoints = save_checkpoints ? checkpoints.data_ptr<float>() : nullptr;
+  run(p);
+  return {out, checkpoints};
+}
+
+// SS2D's four scans of a map. u: (batch, H, W, channels); delta: (batch, H, W, 4, channels); B, C: (batch, H, W, 4,
+// N); A: (4 * channels, N); D, delta_bias: (4 * channels,) or None. Direction k reads its own channels
+// k * channels + c of delta, A, D and delta_bias. Returns (batch, H, W, channels): the four outputs summed at their
+// pixels, as SS2D's cross-merge does.
+at::Tensor cross_selective_scan_forward(
+    const at::Tensor& u,
+    const at::Tensor& delta,
+    const at::Tensor& a,
+    const at::Tensor& b,
+    const at::Tensor& c,
+    const c10::optional<at::Tensor>& d,
+    const c10::optional<at::Tensor>& delta_bias,
+    bool delta_softplus,
+    int64_t chunk) {
+  check_inputs(u, delta, a, b, c);
+  TORCH_CHECK(u.dim() == 4, "u must be (batch, H, W, channels)");
+  const int64_t batch = u.size(0), height = u.size(1), width = u.size(2), channels = u.size(3);
+  TORCH_CHECK(
+      delta.dim() == 5 && delta.size(0) == batch && delta.size(1) == height && delta.size(2) == width &&
+          delta.size(3) == kDirections && delta.size(4) == channels,
+      "delta must be (batch, H, W, 4, channels)");
+  TORCH_CHECK(
+      b.dim() == 5 && c.sizes() == b.sizes() && b.size(0) == batch && b.size(1) == height && b.size(2) == width &&
+          b.size(3) == kDirections,
+      "B and C must be (batch, H, W, 4, N) of one shape");
+  const int64_t d_state = b.size(4);
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == kDirections * channels && a.size(1) == d_state, "A must be (4 * channels, N)");
+  TORCH_CHECK(d_state <= kMaxState, "the CPU selective scan supports N <= ", kMaxState, ", got ", d_state);
+  TORCH_CHECK(chunk > 0 && chunk <= kMaxChunk, "chunk must be in [1, ", kMaxChunk, "], got ", chunk);
+  // Pixels must be addressable as one linear index: contiguous over (H, W) up to the channel stride.
+  const at::Tensor u_c = u.contiguous(), delta_c = delta.contiguous();
+  const at::Tensor b_c = b.stride(1) == b.stride(2) * width ? b : b.contiguous();
+  const at::Tensor c_c = c.stride(1) == c.stride(2) * width ? c : c.contiguous();
+  at::Tensor out = at::zeros({batch, height, width, channels}, u.options());
+  const at::Tensor a2 = log2e_a_transposed(a);
+  at::Tensor d_holder, bias_holder;
+  ScanProblem p{};
+  p.batch = batch;
+  p.groups = kDirections;
+  p.channels = channels;
+  p.d_state = d_state;
+  p.length = height * width;
+  p.height = height;
+  p.width = width;
+  p.cross = true;
+  p.accumulate = true;
+  p.delta_softplus = delta_softplus;
+  p.chunk = chunk;
+  p.u = {u_c.data_ptr<float>(), u_c.stride(0), 0, u_c.stride(2)};
+  p.delta = {delta_c.data_ptr<float>(), delta_c.stride(0), delta_c.stride(3), delta_c.stride(2)};
+  p.out = {out.data_ptr<float>(), out.stride(0), 0, out.stride(2)};
+  p.b = {b_c.data_ptr<float>(), b_c.stride(0), b_c.stride(3), b_c.stride(4), b_c.stride(2)};
+  p.c = {c_c.data_ptr<float>(), c_c.stride(0), c_c.stride(3), c_c.stride(4), c_c.stride(2)};
+  p.a2 = a2.data_ptr<float>();
+  p.skip = optional_data(d, d_holder, "D");
+  p.delta_bias = optional_data(delta_bias, bias_holder, "delta_bias");
+  p.checkpoints = nullptr;
+  run(p);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vmaml_unet, m) {
+  m.def(
+      "selective_scan_forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
+      "bool delta_softplus, int chunk, bool save_checkpoints) -> (Tensor, Tensor)",
+      &selective_scan_forward);
+  m.def(
+      "cross_selective_scan_forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "Tensor? delta_bias, bool delta_softplus, int chunk) -> Tensor",
+      &cross_selective_scan_forward);
+}

@@ -1,0 +1,70 @@
+"""Building, caching and loading the fused CPU selective-scan kernel, and the fallback where it cannot be built."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from bundle_test_utils import REPO
+from torch.utils.cpp_extension import is_ninja_available
+
+import scripts.networks.selective_scan_cpu as selective_scan_cpu
+
+LOAD_AND_SCAN = """
+import logging, sys, torch
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+from scripts.networks.selective_scan import selective_scan
+from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel, cpu_scan_kernel_library_path
+ops, err = load_cpu_scan_kernel()
+u, delta = torch.randn(1, 8, 12), torch.randn(1, 8, 12)
+y = selective_scan(u, delta, -torch.rand(8, 4), torch.randn(1, 2, 4, 12), torch.randn(1, 2, 4, 12))
+print("LOADED" if ops is not None else "UNAVAILABLE", bool(torch.isfinite(y).all()), cpu_scan_kernel_library_path())
+"""
+
+
+def run_loader(extensions_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir), **env}
+    return subprocess.run(
+        [sys.executable, "-c", LOAD_AND_SCAN], cwd=REPO, env=environment, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_kernel_builds_where_a_compiler_is_available() -> None:
+    """The kernel tests elsewhere skip without the kernel; on a machine with a compiler it must therefore build."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available():
+        pytest.skip("no C++ compiler or no ninja on this machine")
+    ops, err = selective_scan_cpu.load_cpu_scan_kernel()
+    assert err is None and ops is not None
+    assert selective_scan_cpu.cpu_scan_kernel_library_path().is_file()
+
+
+def test_fresh_build_is_cached_and_reused(tmp_path: Path) -> None:
+    if shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available():
+        pytest.skip("no C++ compiler or no ninja on this machine")
+    first = run_loader(tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "Building the CPU selective-scan kernel" in first.stdout and "LOADED True" in first.stdout
+    library = Path(first.stdout.split()[-1])
+    assert library.is_file() and library.parent.parent == tmp_path
+    # The build folder and the temporary copy are gone: only the finished library is left in the cache.
+    assert [p.name for p in library.parent.iterdir()] == [library.name]
+    second = run_loader(tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "Building" not in second.stdout and "LOADED True" in second.stdout
+
+
+def test_without_a_compiler_the_scan_falls_back_to_pytorch(tmp_path: Path) -> None:
+    result = run_loader(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    assert result.returncode == 0, result.stderr
+    assert "WARNING The CPU selective-scan kernel cannot be built or loaded" in result.stdout
+    assert "UNAVAILABLE True" in result.stdout
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_cache_key_depends_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    here = selective_scan_cpu.cpu_scan_kernel_library_path()
+    monkeypatch.setattr(selective_scan_cpu, "_cpu_description", lambda: "another CPU")
+    elsewhere = selective_scan_cpu.cpu_scan_kernel_library_path()
+    assert here != elsewhere and here.name == elsewhere.name and here.parent.parent == elsewhere.parent.parent

@@ -43,8 +43,9 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from scripts.networks.selective_scan import selective_scan
+from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel
 from scripts.networks.selective_scan_reference import selective_scan_reference
-from scripts.networks.ss2d import SS2D
+from scripts.networks.ss2d import SS2D, with_scan_backend
 
 __all__ = [
     "FULL",
@@ -341,6 +342,9 @@ def count_macs(network: nn.Module, image: Tensor) -> tuple[int, int]:
         channels = module.num_directions * module.d_inner
         scan_macs.append(SCAN_ELEMENTWISE_MACS * batch * channels * height * width * module.d_state)
 
+    # Counted on the PyTorch scan, whose contraction with C is a visible batched matmul: the CPU kernel's work is
+    # invisible to the counter, and MACs are a property of the network, not of the backend.
+    network = with_scan_backend(network, "torch")
     handles = [m.register_forward_hook(count_scan) for m in network.modules() if isinstance(m, SS2D)]
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -975,8 +979,10 @@ def _method_notes(report: Report) -> list[str]:
         f"{SCAN_ELEMENTWISE_MACS} multiply(-add)s per batch element, channel, step and state (dt*A, dt*u*B and the "
         "state update) at every SS2D call. The scan's output contraction with C is a batched matmul and counted.",
         "Peak memory: " + report.memory_note,
-        "Selective scan: ours is scripts.networks.selective_scan (the PyTorch backend on the CPU; mamba-ssm's kernel "
-        "on a GPU when installed); the reference is scripts.networks.selective_scan_reference, a per-time-step loop "
+        "Selective scan: ours is scripts.networks.selective_scan with its default backend (on the CPU the fused C++ "
+        "kernel for the forward pass and the PyTorch backend's backward pass, see the machine line; mamba-ssm's kernel "
+        "on a GPU when installed); the Mamba networks' SS2D runs its four scans in one kernel call without gradients. "
+        "The reference is scripts.networks.selective_scan_reference, a per-time-step loop "
         "like mamba-ssm's selective_scan_ref. Forward without gradients; forward+backward computes the gradients of "
         "all seven inputs. The reference's backward is autograd through a loop that indexes one step of (batch, D, "
         "L, N) tensors at a time, which is quadratic in L: the forward+backward speed-up grows with L. Errors are "
@@ -1081,6 +1087,11 @@ def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         mamba = "installed" if importlib.util.find_spec("mamba_ssm") else "not installed"
         parts = [f"GPU {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, mamba-ssm {mamba})"] + parts
+    else:
+        kernel, _ = load_cpu_scan_kernel()
+        parts.append(
+            "CPU scan: " + ("fused C++ kernel" if kernel is not None else "PyTorch (the C++ kernel did not build)")
+        )
     return ", ".join(parts)
 
 

@@ -40,7 +40,7 @@ from monai.data import save_net_with_metadata
 from monai.utils import ensure_tuple
 
 from scripts.atomic_file import atomic_write
-from scripts.networks.ss2d import SS2D
+from scripts.networks.ss2d import with_scan_backend
 
 __all__ = [
     "BUNDLE_NAME",
@@ -137,15 +137,6 @@ def load_network(parser: ConfigParser, checkpoint: str) -> torch.nn.Module:
     return network.eval()
 
 
-def with_pytorch_scan(network: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``network`` whose selective scans all use the pure-PyTorch backend, the one TorchScript runs."""
-    eager = copy.deepcopy(network)
-    for module in eager.modules():
-        if isinstance(module, SS2D):
-            module.scan_backend = "torch"
-    return eager
-
-
 def export_torchscript(network: torch.nn.Module, parser: ConfigParser, config: Mapping[str, Any]) -> bytes:
     """
     ``network`` scripted with ``torch.jit.script`` and saved as ``monai.bundle ckpt_export`` saves it.
@@ -179,7 +170,7 @@ def export_torchscript(network: torch.nn.Module, parser: ConfigParser, config: M
     shape = (1, parser.get_parsed_content("in_channels"), *parser.get_parsed_content("image_size"))
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected, actual = with_pytorch_scan(network)(x), exported(x)
+        expected, actual = with_scan_backend(network, "torch")(x), exported(x)
     try:
         torch.testing.assert_close(actual, expected, rtol=EXPORT_TOLERANCE, atol=EXPORT_TOLERANCE)
     except AssertionError as error:

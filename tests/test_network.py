@@ -10,7 +10,7 @@ from bundle_test_utils import randomise_parameters
 import scripts.networks.selective_scan as selective_scan_module
 from scripts.networks.blocks import PatchExpanding, PatchMerging
 from scripts.networks.selective_scan import selective_scan
-from scripts.networks.ss2d import SS2D, cross_merge, cross_scan
+from scripts.networks.ss2d import SS2D, cross_merge, cross_scan, with_scan_backend
 from scripts.networks.vmaml_unet import VMAMLUNet
 
 TINY = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1), d_state=4)
@@ -246,3 +246,14 @@ def test_cross_scan_orders_and_cross_merge_inverts_them():
     # Scanning one shared map in all four orders and merging back gives four times that map.
     shared = x[:, :, :, :1].expand(batch, height, width, 4, 5)
     torch.testing.assert_close(cross_merge(cross_scan(shared), height, width), 4 * x[:, :, :, 0])
+
+
+def test_with_scan_backend_copies_the_network_with_every_scan_switched():
+    net = VMAMLUNet(**TINY)
+    switched = with_scan_backend(net, "torch")
+    scans = [m for m in switched.modules() if isinstance(m, SS2D)]
+    assert len(scans) == 8 and all(m.scan_backend == "torch" for m in scans)
+    assert all(m.scan_backend == "auto" for m in net.modules() if isinstance(m, SS2D))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(switched.eval()(x), net.eval()(x), rtol=1e-4, atol=1e-5)

@@ -28,6 +28,7 @@ from monai.apps.utils import HashCheckError
 from monai.bundle import download_large_files
 from monai.data import load_net_with_metadata
 
+from scripts.networks.ss2d import with_scan_backend
 from scripts.release import (
     BUNDLE_NAME,
     LARGE_FILES,
@@ -36,7 +37,6 @@ from scripts.release import (
     build_archive,
     read_large_files,
     verify,
-    with_pytorch_scan,
     write_large_files,
 )
 
@@ -169,7 +169,7 @@ def test_exported_torchscript_matches_the_checkpoint(released):
     with torch.no_grad():
         # TorchScript runs the PyTorch scan. Against the eager CPU kernel only float32 rounding separates them, which
         # the O(1) random parameters amplify: both float32 paths were measured up to 6e-4 away from float64 here.
-        torch.testing.assert_close(exported.eval()(x), with_pytorch_scan(network)(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(exported.eval()(x), with_scan_backend(network, "torch")(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(exported.eval()(x), network(x), rtol=1e-3, atol=1e-3)
 
 

@@ -1,5 +1,6 @@
 """SS2D: the 2D selective-scan module of VM-UNet, with an optional wavelet convolution (VMAML-UNet's SS2D_wt)."""
 
+import copy
 import math
 from typing import Optional
 
@@ -11,7 +12,7 @@ from scripts.networks.selective_scan import cpu_kernel_applies, selective_scan
 from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel
 from scripts.networks.wavelet_conv import WTConv2d
 
-__all__ = ["SS2D", "WAVELET_FUSION_MODES", "cross_scan", "cross_merge"]
+__all__ = ["SS2D", "WAVELET_FUSION_MODES", "cross_scan", "cross_merge", "with_scan_backend"]
 
 WAVELET_FUSION_MODES = ("replace", "parallel", "none")
 NUM_SCAN_DIRECTIONS = 4
@@ -230,3 +231,15 @@ def cross_merge(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
     rows = forward[:, :, 0].view(height, width, batch, features)
     cols = forward[:, :, 1].view(width, height, batch, features).transpose(0, 1)
     return (rows + cols).permute(2, 0, 1, 3)
+
+
+def with_scan_backend(network: nn.Module, backend: str) -> nn.Module:
+    """
+    A copy of ``network`` whose :class:`SS2D` modules all use the selective-scan ``backend``: e.g. ``"torch"``, the
+    scan TorchScript runs, to compare a scripted network with its eager original without the CPU kernel's rounding.
+    """
+    copied = copy.deepcopy(network)
+    for module in copied.modules():
+        if isinstance(module, SS2D):
+            module.scan_backend = backend
+    return copied

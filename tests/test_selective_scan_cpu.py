@@ -68,3 +68,51 @@ def test_cache_key_depends_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(selective_scan_cpu, "_cpu_description", lambda: "another CPU")
     elsewhere = selective_scan_cpu.cpu_scan_kernel_library_path()
     assert here != elsewhere and here.name == elsewhere.name and here.parent.parent == elsewhere.parent.parent
+
+
+KERNEL_AGAINST_PYTORCH = """
+import torch
+from scripts.networks.selective_scan import selective_scan
+from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel
+assert load_cpu_scan_kernel()[0] is not None
+g = torch.Generator().manual_seed(0)
+# 21 channels per group: whole vectors and single channels past them
+u, delta = torch.randn(2, 42, 150, generator=g), torch.randn(2, 42, 150, generator=g)
+a = -torch.rand(42, 16, generator=g) * 4
+b, c = torch.randn(2, 2, 16, 150, generator=g), torch.randn(2, 2, 16, 150, generator=g)
+d, bias = torch.randn(42, generator=g), torch.randn(42, generator=g)
+kernel = selective_scan(u, delta, a, b, c, d, bias, backend="cpu_kernel")
+torch.testing.assert_close(kernel, selective_scan(u, delta, a, b, c, d, bias, backend="torch"), rtol=1e-5, atol=1e-5)
+print("AGREE")
+"""
+
+
+def test_eight_lane_build_on_an_avx512_cpu(tmp_path: Path) -> None:
+    """An AVX-512 CPU builds the kernel with 16 lanes; the 8-lane variant, which AVX2 CPUs build, is checked here
+    by building it with AVX-512 switched off."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available():
+        pytest.skip("no C++ compiler or no ninja on this machine")
+    if "avx512f" not in selective_scan_cpu._cpu_description():
+        pytest.skip("the CPU has no AVX-512: the default build is the 8-lane one, tested everywhere else")
+    environment = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": str(tmp_path),
+        selective_scan_cpu.EXTRA_FLAGS_VARIABLE: "-mno-avx512f",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", KERNEL_AGAINST_PYTORCH],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "AGREE" in result.stdout, result.stderr
+    assert len(list(tmp_path.rglob("*.so"))) == 1
+
+
+def test_extra_flags_change_the_cache_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = selective_scan_cpu.cpu_scan_kernel_library_path()
+    monkeypatch.setenv(selective_scan_cpu.EXTRA_FLAGS_VARIABLE, "-mno-avx512f -DEXAMPLE")
+    assert selective_scan_cpu.compile_flags()[-2:] == ["-mno-avx512f", "-DEXAMPLE"]
+    assert selective_scan_cpu.cpu_scan_kernel_library_path() != default

@@ -8,7 +8,8 @@ process builds in a private temporary folder and moves the finished library into
 is interrupted, or two that run at once, leave no half-written library and no lock behind.
 
 Where no compiler is available the kernel is reported unavailable once, with the reason, and the selective scan
-falls back to its pure-PyTorch backend.
+falls back to its pure-PyTorch backend. ``$VMAML_UNET_SCAN_CFLAGS`` adds compiler flags (they are part of the cache
+key too).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -36,6 +38,8 @@ SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
 # -march=native: the build is for this machine only (the cache key includes the CPU). -fno-trapping-math lets the
 # compiler vectorise the kernel's branch-free selects.
 COMPILE_FLAGS = ("-O3", "-march=native", "-fno-trapping-math")
+# Flags appended to COMPILE_FLAGS, e.g. "-mno-avx512f" to build the 8-lane AVX2 variant on an AVX-512 CPU.
+EXTRA_FLAGS_VARIABLE = "VMAML_UNET_SCAN_CFLAGS"
 LIBRARY_NAME = "vmaml_unet_scan"
 
 
@@ -51,11 +55,16 @@ def _cpu_description() -> str:
     return "\n".join(description)
 
 
+def compile_flags() -> List[str]:
+    """:data:`COMPILE_FLAGS` and the flags in ``$VMAML_UNET_SCAN_CFLAGS``."""
+    return list(COMPILE_FLAGS) + shlex.split(os.environ.get(EXTRA_FLAGS_VARIABLE, ""))
+
+
 def cpu_scan_kernel_library_path() -> Path:
     """Where the kernel's library for this source, these flags, this torch and this CPU is cached."""
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
-    key.update(" ".join(COMPILE_FLAGS).encode())
+    key.update(" ".join(compile_flags()).encode())
     key.update(torch.__version__.encode())
     key.update(_cpu_description().encode())
     # As torch.utils.cpp_extension: $TORCH_EXTENSIONS_DIR, else the user's cache folder. Imported here, as in _build,
@@ -77,7 +86,7 @@ def _build(library: Path) -> None:
         built = load(
             name=LIBRARY_NAME,
             sources=[str(SOURCE)],
-            extra_cflags=list(COMPILE_FLAGS),
+            extra_cflags=compile_flags(),
             build_directory=build_dir,
             is_python_module=False,
         )

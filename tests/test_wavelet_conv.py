@@ -18,12 +18,12 @@ def test_transform_matches_pywavelets_dwt2():
     x = torch.randn(2, 3, 6, 8, dtype=torch.float64)
     dec, _ = create_wavelet_filters("db1", 3)
     bands = wavelet_transform(x, dec)
-    assert bands.shape == (2, 3, 4, 3, 4)
+    assert bands.shape == (2, 12, 3, 4)
     for b in range(2):
         for c in range(3):
             ll, (lh, hl, hh) = pywt.dwt2(x[b, c].numpy(), "db1")
             for i, expected in enumerate((ll, lh, hl, hh)):
-                torch.testing.assert_close(bands[b, c, i], torch.from_numpy(expected), rtol=0, atol=1e-12)
+                torch.testing.assert_close(bands[b, 4 * c + i], torch.from_numpy(expected), rtol=0, atol=1e-12)
 
 
 def test_filter_shapes():
@@ -40,7 +40,7 @@ def test_perfect_reconstruction(size, channels):
     x = torch.randn(2, channels, *size, dtype=torch.float64)
     dec, rec = create_wavelet_filters("db1", channels)
     bands = wavelet_transform(x, dec)
-    assert bands.shape == (2, channels, 4, (size[0] + 1) // 2, (size[1] + 1) // 2)
+    assert bands.shape == (2, 4 * channels, (size[0] + 1) // 2, (size[1] + 1) // 2)
     torch.testing.assert_close(inverse_wavelet_transform(bands, rec, list(size)), x, rtol=0, atol=1e-12)
 
 
@@ -94,7 +94,7 @@ def test_wavelet_path_reconstructs_input(size):
     two = WTConv2d(2, levels=2).double()
     _identity_subband_convs(two)
     bands = wavelet_transform(x, two.dec_filters)
-    ll_only = bands * torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=x.dtype).view(1, 1, 4, 1, 1)
+    ll_only = bands * torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=x.dtype).repeat(2).view(1, 8, 1, 1)
     lowpass = inverse_wavelet_transform(ll_only, two.rec_filters, list(size))
     torch.testing.assert_close(two(x), x + lowpass)
 
@@ -157,3 +157,17 @@ def test_torchscript_matches_eager():
         expected = module(x)
         torch.testing.assert_close(scripted(x), expected)
         torch.testing.assert_close(loaded(x), expected)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (9, 14)])
+def test_channels_last_input_keeps_its_format_and_values(size):
+    """SS2D and WCAA pass channels-last maps, on which the depthwise convolutions are fastest on CPU: the output
+    keeps that format and equals the channels-first result."""
+    module = WTConv2d(8, levels=3)
+    randomise_parameters(module)
+    x = torch.randn(2, 8, *size)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    y_last = module(x_last)
+    assert y_last.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_last, module(x), rtol=1e-5, atol=1e-5)
+    assert wavelet_transform(x_last, module.dec_filters).is_contiguous(memory_format=torch.channels_last)

@@ -980,7 +980,7 @@ def _method_notes(report: Report) -> list[str]:
         "state update) at every SS2D call. The scan's output contraction with C is a batched matmul and counted.",
         "Peak memory: " + report.memory_note,
         "Selective scan: ours is scripts.networks.selective_scan with its default backend (on the CPU the fused C++ "
-        "kernel for the forward pass and the PyTorch backend's backward pass, see the machine line; mamba-ssm's kernel "
+        "kernel for both passes, see the machine line; mamba-ssm's kernel "
         "on a GPU when installed); the Mamba networks' SS2D runs its four scans in one kernel call without gradients. "
         "The reference is scripts.networks.selective_scan_reference, a per-time-step loop "
         "like mamba-ssm's selective_scan_ref. Forward without gradients; forward+backward computes the gradients of "

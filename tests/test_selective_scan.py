@@ -523,9 +523,31 @@ def test_cpu_kernel_reads_any_layout(layout: str) -> None:
     elif layout == "permuted":
         u, delta = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (u, delta))
         b, c = (t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1) for t in (b, c))
-    y = selective_scan(u, delta, a, b, c, d, delta_bias, backend="cpu_kernel")
+    leaves = [t.requires_grad_() for t in (u, delta, a, b, c, d, delta_bias)]
+    y = selective_scan(*leaves, backend="cpu_kernel")
     assert y.movedim(-1, 0).is_contiguous()
-    torch.testing.assert_close(y, selective_scan(*inputs, backend="torch"), rtol=1e-5, atol=1e-5)
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    y_torch = selective_scan(*inputs, backend="torch")
+    torch.testing.assert_close(y, y_torch, rtol=1e-5, atol=1e-5)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
+    for name, g, g_torch in zip(ARG_NAMES, grads_of(y, leaves, grad_y), grads_of(y_torch, inputs, grad_y)):
+        assert g.shape == g_torch.shape, name
+        torch.testing.assert_close(g, g_torch, rtol=1e-4, atol=1e-4 * g_torch.abs().max().item(), msg=name)
+
+
+@requires_cpu_kernel
+def test_cpu_kernel_only_requested_gradients_and_empty_sequences() -> None:
+    inputs = [t.detach().float() if t is not None else None for t in make_inputs(length=70)]
+    inputs[1].requires_grad_()
+    inputs[4].requires_grad_()
+    y = selective_scan(*inputs, backend="cpu_kernel")
+    y.sum().backward()
+    assert [t.grad is not None for t in inputs] == [False, True, False, False, True, False, False]
+    empty = [t.detach().float().requires_grad_() for t in make_inputs(length=0)]
+    y = selective_scan(*empty, backend="cpu_kernel")
+    assert y.shape == (2, 8, 0)
+    y.sum().backward()
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in empty)
 
 
 @requires_cpu_kernel

@@ -16,8 +16,8 @@ the states are recomputed chunk by chunk from checkpoints saved at every chunk a
 backwards in the same fused way. Memory stays O(L) in the inputs instead of O(L * N) in the states, and time stays
 linear in L.
 
-On the CPU the forward pass is normally the fused kernel of :mod:`scripts.networks.selective_scan_cpu`, which writes
-the same checkpoints, so the backward pass above serves both.
+On the CPU both passes are normally the fused kernel of :mod:`scripts.networks.selective_scan_cpu`: the same
+checkpointed algorithm, with each step's work in registers instead of in passes over (chunk, batch, dim, N) buffers.
 """
 
 import functools
@@ -422,6 +422,41 @@ def _kernel_forward(
     return out.to(u.dtype), checkpoints
 
 
+def _kernel_backward(
+    grad_y: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    d: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    checkpoints: Tensor,
+    needs_grad: List[bool],
+) -> List[Optional[Tensor]]:
+    """:func:`_scan_backward` by the fused CPU kernel, from the checkpoints of :func:`_kernel_forward`."""
+    ops, _ = load_cpu_scan_kernel()
+    chunk = _chunk_size(u.shape[0] * u.shape[1] * b.shape[2])
+    grads = ops.selective_scan_backward(
+        u.float(),
+        delta.float(),
+        a.float(),
+        b.float(),
+        c.float(),
+        d.float() if d is not None else None,
+        delta_bias.float() if delta_bias is not None else None,
+        delta_softplus,
+        chunk,
+        checkpoints,
+        grad_y.float(),
+    )
+    inputs = [u, delta, a, b, c, d, delta_bias]
+    return [
+        grad.to(t.dtype) if needed and t is not None else None for grad, t, needed in zip(grads, inputs, needs_grad)
+    ]
+
+
 def cpu_kernel_applies(backend: str, dtype: torch.dtype, device: torch.device, d_state: int) -> bool:
     """
     Whether ``backend`` runs the fused CPU kernel for inputs of ``dtype`` on ``device`` with ``d_state`` states.
@@ -481,6 +516,7 @@ class _SelectiveScanFunction(torch.autograd.Function):
                     u, delta, a, b, c, d, delta_bias, delta_softplus, dtype, out_dtype, save_checkpoints
                 )
         ctx.delta_softplus = delta_softplus
+        ctx.use_kernel = use_kernel
         ctx.save_for_backward(u, delta, a, b, c, d, delta_bias, checkpoints)
         return out
 
@@ -489,10 +525,9 @@ class _SelectiveScanFunction(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
         u, delta, a, b, c, d, delta_bias, checkpoints = ctx.saved_tensors
         needs_grad = list(ctx.needs_input_grad[:7])
+        backward = _kernel_backward if ctx.use_kernel else _scan_backward
         with torch.autocast(device_type=u.device.type, enabled=False):
-            grads = _scan_backward(
-                grad_y, u, delta, a, b, c, d, delta_bias, ctx.delta_softplus, checkpoints, needs_grad
-            )
+            grads = backward(grad_y, u, delta, a, b, c, d, delta_bias, ctx.delta_softplus, checkpoints, needs_grad)
         return (*grads, None, None)
 
 
@@ -577,8 +612,8 @@ def selective_scan(
         delta_bias: bias added to ``delta`` per channel, ``(dim,)``, or None.
         delta_softplus: apply softplus to ``delta + delta_bias``.
         backend: ``"auto"`` uses mamba-ssm's CUDA kernel for CUDA tensors when ``mamba_ssm`` imports, the fused
-            CPU kernel (:mod:`scripts.networks.selective_scan_cpu`, forward pass; the backward pass is the PyTorch
-            one) for CPU tensors when it can be built, and the PyTorch backend otherwise; ``"torch"`` always uses the
+            CPU kernel (:mod:`scripts.networks.selective_scan_cpu`, forward and backward) for CPU tensors when it can
+            be built, and the PyTorch backend otherwise; ``"torch"`` always uses the
             PyTorch backend; ``"cpu_kernel"`` and ``"mamba_ssm"`` require their kernel and raise if it cannot be
             used. float64 inputs always take the PyTorch backend on the CPU. Under TorchScript only the PyTorch
             backend exists and it is forward-only (for inference and export): ``"mamba_ssm"`` raises there and

@@ -162,8 +162,8 @@ class SS2D(nn.Module):
     # signatures, and cannot resolve postponed (string) annotations there: this module does not postpone them.
     @torch.jit.unused
     def _fused_cross_scan_applies(self, u: torch.Tensor, projected: torch.Tensor) -> bool:
-        # The fused kernel has no backward pass: whenever a gradient may be asked for, the scans run through
-        # selective_scan, whose backward is hand-written. Exporters cannot see into the kernel either.
+        # The four-direction kernel keeps no states for a backward pass: whenever a gradient may be asked for, the
+        # scans run through selective_scan, which has one. Exporters cannot see into the kernel either.
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (u, projected, self.A_log, self.D, self.dt_proj_weight, self.dt_proj_bias)
         )

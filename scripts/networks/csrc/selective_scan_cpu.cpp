@@ -6,9 +6,11 @@
 // states (N x block floats) in L1: the softplus, the decays, the state update and the contraction with C all happen
 // in registers, and the only memory traffic is reading the inputs and writing the outputs once.
 //
-// Two operators, registered as torch.ops.vmaml_unet.*:
+// Three operators, registered as torch.ops.vmaml_unet.*:
 //   selective_scan_forward: mamba-ssm's selective_scan_fn convention (batch, dim, L) with grouped B and C, and the
-//     states entering every chunk for the PyTorch backward pass.
+//     states entering every chunk for the backward pass.
+//   selective_scan_backward: the gradients of all seven inputs from those checkpoints, recomputing each chunk's
+//     states and running the adjoint recurrence backwards (the algorithm of the PyTorch backend's backward).
 //   cross_selective_scan_forward: SS2D's four scans of a (batch, H, W, channels) map (row-major, column-major and the
 //     reverse of each) read straight from the map in pixel order and summed back into it, which replaces SS2D's
 //     cross-scan copies and cross-merge. Inference only (no states are kept).
@@ -301,9 +303,24 @@ void run_items(const ScanProblem& p, int64_t first, int64_t last, Vec* states) {
   }
 }
 
-// Work items are split into contiguous ranges, one per thread of torch's intra-op thread count. Items never share
-// channels, so the threads need no synchronisation; std::thread rather than at::parallel_for because the latter is
-// inlined from the OpenMP headers, which this extension is not built against.
+// Runs body(first, last, thread) over contiguous ranges of [0, items), one range per thread of torch's intra-op
+// thread count. Work items never share outputs, so the threads need no synchronisation; std::thread rather than
+// at::parallel_for because the latter is inlined from the OpenMP headers, which this extension is not built against.
+template <typename Body>
+void parallel_over(int64_t items, const Body& body) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  auto range = [&](int64_t i) { return items * i / threads; };
+  for (int64_t i = 1; i < threads; ++i) {
+    pool.emplace_back([&body, &range, i] { body(range(i), range(i + 1)); });
+  }
+  body(0, range(1));
+  for (auto& thread : pool) {
+    thread.join();
+  }
+}
+
 void run(const ScanProblem& p) {
   const int64_t items = num_work_items(p);
   if (items == 0 || p.length == 0) {
@@ -311,16 +328,201 @@ void run(const ScanProblem& p) {
   }
   const int64_t per_item = (p.accumulate ? p.groups : 1) * p.d_state;
   std::vector<Vec> states(items * per_item, Vec{});
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  auto range = [&](int64_t i) { return items * i / threads; };
-  for (int64_t i = 1; i < threads; ++i) {
-    pool.emplace_back(run_items, std::cref(p), range(i), range(i + 1), states.data() + range(i) * per_item);
+  parallel_over(items, [&](int64_t first, int64_t last) { run_items(p, first, last, states.data() + first * per_item); });
+}
+
+// The backward pass of selective_scan_forward. With the adjoint state g_t = dLoss/dh_t = C_t dy_t + exp(dt_{t+1} A)
+// g_{t+1}, the decay gradient P_t = g_t h_{t-1} exp(dt_t A) gives dA = sum_t P_t dt_t and dL/d dt_t = sum_n P_t A +
+// u_t <g_t, B_t>; the input term gives du_t = dt_t <g_t, B_t> + D dy_t and dB_t = sum_d g_t dt_t u_t, and the output
+// dC_t = sum_d dy_t h_t. A work item is a batch element and a whole group, so that the sums over channels (dB, dC)
+// stay within one thread. Per chunk, from the last: each block of channels recomputes its states from the chunk's
+// checkpoint, then runs the adjoint recurrence backwards, carrying exp(dt A) g into the previous chunk.
+struct BackwardProblem {
+  ScanProblem scan;  // the forward's inputs and checkpoints; out is unused
+  Sequence grad_y;
+  Sequence grad_u;
+  Sequence grad_delta;
+  float* grad_b;  // (L, batch, groups, N)
+  float* grad_c;  // (L, batch, groups, N)
+  float* grad_a;     // (batch, groups * channels, N), summed over the batch by the caller
+  float* grad_skip;  // (batch, groups * channels), likewise
+  float* grad_bias;  // (batch, groups * channels), likewise
+};
+
+// Per-thread buffers of one chunk of one block: states h_{t-1} (chunk + 1 slots), decays, step sizes and their
+// softplus inputs, dt * u, and the vector partial sums of dB and dC over the group's blocks.
+struct BackwardScratch {
+  BackwardScratch(int64_t chunk, int64_t d_state)
+      : states((chunk + 1) * d_state), decays(chunk * d_state), x(chunk), dt(chunk), du(chunk), grad_b(chunk * d_state),
+        grad_c(chunk * d_state) {}
+  std::vector<Vec> states;
+  std::vector<Vec> decays;
+  std::vector<Vec> x;
+  std::vector<Vec> dt;
+  std::vector<Vec> du;
+  std::vector<Vec> grad_b;
+  std::vector<Vec> grad_c;
+};
+
+inline Vec sigmoid_approx(Vec x) {
+  return 1.0f / (1.0f + exp2_approx(-x * kLog2E));
+}
+
+// Steps [t0, t1) of the block of channels from c0 of group k: recompute, then the adjoint pass. carry (N vectors):
+// exp(dt A) g at step t1, replaced by the same at t0. grad_a (N vectors), grad_skip, grad_bias: accumulated.
+template <bool Full>
+void backward_steps(
+    const BackwardProblem& q,
+    int64_t b,
+    int64_t k,
+    int64_t c0,
+    int64_t t0,
+    int64_t t1,
+    BackwardScratch& scratch,
+    Vec* carry,
+    Vec* grad_a,
+    Vec& grad_skip,
+    Vec& grad_bias) {
+  const ScanProblem& p = q.scan;
+  const int64_t n_states = p.d_state;
+  const int64_t param = k * p.channels + c0;
+  const int64_t all_channels = p.groups * p.channels;
+  const int64_t steps = t1 - t0;
+  const Vec bias = p.delta_bias != nullptr ? load<Full>(p.delta_bias + param) : Vec{};
+  const Vec skip = p.skip != nullptr ? load<Full>(p.skip + param) : Vec{};
+  Vec a2[kMaxState];
+  for (int64_t n = 0; n < n_states; ++n) {
+    a2[n] = load<Full>(p.a2 + n * all_channels + param);
   }
-  run_items(p, 0, range(1), states.data());
-  for (auto& thread : pool) {
-    thread.join();
+  const int64_t u_base = b * p.u.batch + k * p.u.group + c0;
+  const int64_t delta_base = b * p.delta.batch + k * p.delta.group + c0;
+  const float* b_base = p.b.data + b * p.b.batch + k * p.b.group;
+  const float* c_base = p.c.data + b * p.c.batch + k * p.c.group;
+  Vec* states = scratch.states.data();
+  Vec* decays = scratch.decays.data();
+  const float* saved = p.checkpoints + (((t0 / p.chunk) * p.batch + b) * p.groups + k) * n_states * p.channels + c0;
+  for (int64_t n = 0; n < n_states; ++n) {
+    states[n] = load<Full>(saved + n * p.channels);
+  }
+  for (int64_t i = 0; i < steps; ++i) {
+    const int64_t t = t0 + i;
+    const Vec u = load<Full>(p.u.data + u_base + t * p.u.position);
+    scratch.x[i] = load<Full>(p.delta.data + delta_base + t * p.delta.position) + bias;
+    scratch.dt[i] = p.delta_softplus ? softplus_approx(scratch.x[i]) : scratch.x[i];
+    scratch.du[i] = scratch.dt[i] * u;
+    const float* b_t = b_base + t * p.b.position;
+    for (int64_t n = 0; n < n_states; ++n) {
+      decays[i * n_states + n] = exp2_approx(scratch.dt[i] * a2[n]);
+      states[(i + 1) * n_states + n] = decays[i * n_states + n] * states[i * n_states + n] + scratch.du[i] * b_t[n * p.b.state];
+    }
+  }
+
+  Vec g[kMaxState] = {};
+  for (int64_t i = steps - 1; i >= 0; --i) {
+    const int64_t t = t0 + i;
+    const Vec u = load<Full>(p.u.data + u_base + t * p.u.position);
+    const Vec dy = load<Full>(q.grad_y.data + b * q.grad_y.batch + k * q.grad_y.group + c0 + t * q.grad_y.position);
+    const float* b_t = b_base + t * p.b.position;
+    const float* c_t = c_base + t * p.c.position;
+    Vec g_dot_b{};
+    Vec decay_grad{};
+    for (int64_t n = 0; n < n_states; ++n) {
+      const Vec later = i == steps - 1 ? carry[n] : decays[(i + 1) * n_states + n] * g[n];
+      g[n] = later + c_t[n * p.c.state] * dy;
+      scratch.grad_c[i * n_states + n] += dy * states[(i + 1) * n_states + n];
+      scratch.grad_b[i * n_states + n] += g[n] * scratch.du[i];
+      g_dot_b += g[n] * b_t[n * p.b.state];
+      // P_t = g_t h_{t-1} exp(dt_t A); with a2 = A log2(e), d exp(dt A) / d dt = exp(dt A) a2 ln(2)
+      const Vec decay_term = g[n] * states[i * n_states + n] * decays[i * n_states + n];
+      grad_a[n] += decay_term * scratch.dt[i];
+      decay_grad += decay_term * a2[n];
+    }
+    const Vec grad_dt = decay_grad * kLn2 + u * g_dot_b;
+    const Vec x = scratch.x[i];
+    const Vec grad_x = p.delta_softplus ? (x > 20.0f ? grad_dt : grad_dt * sigmoid_approx(x)) : grad_dt;
+    store<Full>(q.grad_u.data + b * q.grad_u.batch + k * q.grad_u.group + c0 + t * q.grad_u.position,
+                scratch.dt[i] * g_dot_b + skip * dy);
+    store<Full>(q.grad_delta.data + b * q.grad_delta.batch + k * q.grad_delta.group + c0 + t * q.grad_delta.position,
+                grad_x);
+    grad_skip += dy * u;
+    grad_bias += grad_x;
+  }
+  for (int64_t n = 0; n < n_states; ++n) {
+    carry[n] = decays[n] * g[n];
+  }
+}
+
+inline float lane_sum(Vec v) {
+  float lanes[kBlock];
+  std::memcpy(lanes, &v, sizeof(lanes));
+  float total = 0.0f;
+  for (int j = 0; j < kBlock; ++j) {
+    total += lanes[j];
+  }
+  return total;
+}
+
+void run_backward_items(const BackwardProblem& q, int64_t first, int64_t last) {
+  const ScanProblem& p = q.scan;
+  const int64_t n_states = p.d_state;
+  const int64_t all_channels = p.groups * p.channels;
+  const int64_t full = p.channels / kBlock;
+  const int64_t blocks = full + p.channels % kBlock;
+  BackwardScratch scratch(p.chunk, n_states);
+  std::vector<Vec> carry(blocks * n_states);
+  std::vector<Vec> grad_a(blocks * n_states);
+  std::vector<Vec> grad_skip(blocks);
+  std::vector<Vec> grad_bias(blocks);
+  const int64_t num_chunks = (p.length + p.chunk - 1) / p.chunk;
+  for (int64_t index = first; index < last; ++index) {
+    const int64_t k = index % p.groups;
+    const int64_t b = index / p.groups;
+    std::fill(carry.begin(), carry.end(), Vec{});
+    std::fill(grad_a.begin(), grad_a.end(), Vec{});
+    std::fill(grad_skip.begin(), grad_skip.end(), Vec{});
+    std::fill(grad_bias.begin(), grad_bias.end(), Vec{});
+    for (int64_t chunk = num_chunks - 1; chunk >= 0; --chunk) {
+      const int64_t t0 = chunk * p.chunk;
+      const int64_t t1 = std::min(p.length, t0 + p.chunk);
+      std::fill(scratch.grad_b.begin(), scratch.grad_b.end(), Vec{});
+      std::fill(scratch.grad_c.begin(), scratch.grad_c.end(), Vec{});
+      for (int64_t block = 0; block < blocks; ++block) {
+        const bool whole = block < full;
+        const int64_t c0 = whole ? block * kBlock : full * kBlock + (block - full);
+        Vec* block_carry = carry.data() + block * n_states;
+        Vec* block_grad_a = grad_a.data() + block * n_states;
+        if (whole) {
+          backward_steps<true>(q, b, k, c0, t0, t1, scratch, block_carry, block_grad_a, grad_skip[block], grad_bias[block]);
+        } else {
+          backward_steps<false>(q, b, k, c0, t0, t1, scratch, block_carry, block_grad_a, grad_skip[block], grad_bias[block]);
+        }
+      }
+      for (int64_t i = 0; i < t1 - t0; ++i) {
+        const int64_t row = (((t0 + i) * p.batch + b) * p.groups + k) * n_states;
+        for (int64_t n = 0; n < n_states; ++n) {
+          q.grad_b[row + n] = lane_sum(scratch.grad_b[i * n_states + n]);
+          q.grad_c[row + n] = lane_sum(scratch.grad_c[i * n_states + n]);
+        }
+      }
+    }
+    // Items of other batch elements own the same channels: each writes its own slice, summed by the caller.
+    for (int64_t block = 0; block < blocks; ++block) {
+      const bool whole = block < full;
+      const int64_t c0 = whole ? block * kBlock : full * kBlock + (block - full);
+      const int width = whole ? kBlock : 1;
+      const int64_t channel = k * p.channels + c0;
+      float lanes[kBlock];
+      for (int64_t n = 0; n < n_states; ++n) {
+        std::memcpy(lanes, &grad_a[block * n_states + n], sizeof(lanes));
+        for (int j = 0; j < width; ++j) {
+          q.grad_a[(b * all_channels + channel + j) * n_states + n] = lanes[j];
+        }
+      }
+      std::memcpy(lanes, &grad_skip[block], sizeof(lanes));
+      std::memcpy(q.grad_skip + b * all_channels + channel, lanes, width * sizeof(float));
+      std::memcpy(lanes, &grad_bias[block], sizeof(lanes));
+      std::memcpy(q.grad_bias + b * all_channels + channel, lanes, width * sizeof(float));
+    }
   }
 }
 
@@ -335,6 +537,12 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
   check_float32_cpu(a, "A");
   check_float32_cpu(b, "B");
   check_float32_cpu(c, "C");
+}
+
+// (batch, dim, L) with unit channel stride, so that a work item's channels load as one vector: (batch, dim, L)-
+// contiguous inputs are transposed to time-major once.
+at::Tensor time_major(const at::Tensor& t) {
+  return t.stride(1) == 1 ? t : t.permute({2, 0, 1}).contiguous().permute({1, 2, 0});
 }
 
 at::Tensor log2e_a_transposed(const at::Tensor& a) {
@@ -373,9 +581,6 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_forward(
   TORCH_CHECK(groups > 0 && dim % groups == 0, "the groups of B and C must divide dim");
   TORCH_CHECK(a.dim() == 2 && a.size(0) == dim && a.size(1) == d_state, "A must be (dim, N)");
   TORCH_CHECK(d_state <= kMaxState, "the CPU selective scan supports N <= ", kMaxState, ", got ", d_state);
-  // Unit channel stride lets a work item's channels load as one vector; (batch, dim, L)-contiguous inputs are
-  // transposed to time-major once.
-  auto time_major = [](const at::Tensor& t) { return t.stride(1) == 1 ? t : t.permute({2, 0, 1}).contiguous().permute({1, 2, 0}); };
   const at::Tensor u_t = time_major(u), delta_t = time_major(delta);
   at::Tensor out = at::empty({length, batch, dim}, u.options()).permute({1, 2, 0});
   const int64_t num_chunks = (length + chunk - 1) / chunk;
@@ -406,6 +611,90 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_forward(
   p.checkpoints = save_checkpoints ? checkpoints.data_ptr<float>() : nullptr;
   run(p);
   return {out, checkpoints};
+}
+
+// Gradients of selective_scan_forward from its inputs, its checkpoints (saved with the same chunk) and grad_y
+// (batch, dim, L): [du, ddelta, dA, dB, dC, dD, ddelta_bias] in the shapes of the inputs (du, ddelta, dB and dC
+// time-major in memory); dD and ddelta_bias are empty tensors when D or delta_bias is None.
+std::vector<at::Tensor> selective_scan_backward(
+    const at::Tensor& u,
+    const at::Tensor& delta,
+    const at::Tensor& a,
+    const at::Tensor& b,
+    const at::Tensor& c,
+    const c10::optional<at::Tensor>& d,
+    const c10::optional<at::Tensor>& delta_bias,
+    bool delta_softplus,
+    int64_t chunk,
+    const at::Tensor& checkpoints,
+    const at::Tensor& grad_y) {
+  check_inputs(u, delta, a, b, c);
+  check_float32_cpu(checkpoints, "checkpoints");
+  check_float32_cpu(grad_y, "grad_y");
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes() && grad_y.sizes() == u.sizes(),
+              "u, delta and grad_y must be (batch, dim, L) of one shape");
+  TORCH_CHECK(b.dim() == 4 && c.sizes() == b.sizes(), "B and C must be (batch, groups, N, L) of one shape");
+  TORCH_CHECK(chunk > 0 && chunk <= kMaxChunk, "chunk must be in [1, ", kMaxChunk, "], got ", chunk);
+  const int64_t batch = u.size(0), dim = u.size(1), length = u.size(2);
+  const int64_t groups = b.size(1), d_state = b.size(2);
+  TORCH_CHECK(groups > 0 && dim % groups == 0, "the groups of B and C must divide dim");
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == dim && a.size(1) == d_state, "A must be (dim, N)");
+  TORCH_CHECK(d_state <= kMaxState, "the CPU selective scan supports N <= ", kMaxState, ", got ", d_state);
+  const int64_t num_chunks = (length + chunk - 1) / chunk;
+  TORCH_CHECK(checkpoints.is_contiguous() &&
+                  checkpoints.sizes() == at::IntArrayRef({num_chunks, batch, groups, d_state, dim / groups}),
+              "checkpoints must be the forward's, saved with the same chunk");
+  const at::Tensor u_t = time_major(u), delta_t = time_major(delta), grad_y_t = time_major(grad_y);
+  const auto options = u.options();
+  at::Tensor grad_u = at::empty({length, batch, dim}, options).permute({1, 2, 0});
+  at::Tensor grad_delta = at::empty({length, batch, dim}, options).permute({1, 2, 0});
+  at::Tensor grad_b = at::empty({length, batch, groups, d_state}, options);
+  at::Tensor grad_c = at::empty({length, batch, groups, d_state}, options);
+  at::Tensor grad_a = at::empty({batch, dim, d_state}, options);
+  at::Tensor grad_skip = at::empty({batch, dim}, options);
+  at::Tensor grad_bias = at::empty({batch, dim}, options);
+  const at::Tensor a2 = log2e_a_transposed(a);
+  at::Tensor d_holder, bias_holder;
+  BackwardProblem q{};
+  ScanProblem& p = q.scan;
+  p.batch = batch;
+  p.groups = groups;
+  p.channels = dim / groups;
+  p.d_state = d_state;
+  p.length = length;
+  p.delta_softplus = delta_softplus;
+  p.chunk = chunk;
+  p.u = {u_t.data_ptr<float>(), u_t.stride(0), p.channels, u_t.stride(2)};
+  p.delta = {delta_t.data_ptr<float>(), delta_t.stride(0), p.channels, delta_t.stride(2)};
+  p.b = {b.data_ptr<float>(), b.stride(0), b.stride(1), b.stride(2), b.stride(3)};
+  p.c = {c.data_ptr<float>(), c.stride(0), c.stride(1), c.stride(2), c.stride(3)};
+  p.a2 = a2.data_ptr<float>();
+  p.skip = optional_data(d, d_holder, "D");
+  p.delta_bias = optional_data(delta_bias, bias_holder, "delta_bias");
+  p.checkpoints = const_cast<float*>(checkpoints.data_ptr<float>());
+  q.grad_y = {grad_y_t.data_ptr<float>(), grad_y_t.stride(0), p.channels, grad_y_t.stride(2)};
+  q.grad_u = {grad_u.data_ptr<float>(), grad_u.stride(0), p.channels, grad_u.stride(2)};
+  q.grad_delta = {grad_delta.data_ptr<float>(), grad_delta.stride(0), p.channels, grad_delta.stride(2)};
+  q.grad_b = grad_b.data_ptr<float>();
+  q.grad_c = grad_c.data_ptr<float>();
+  q.grad_a = grad_a.data_ptr<float>();
+  q.grad_skip = grad_skip.data_ptr<float>();
+  q.grad_bias = grad_bias.data_ptr<float>();
+  if (length > 0) {
+    parallel_over(batch * groups, [&](int64_t first, int64_t last) { run_backward_items(q, first, last); });
+  } else {
+    grad_a.zero_();
+    grad_skip.zero_();
+    grad_bias.zero_();
+  }
+  return {
+      grad_u,
+      grad_delta,
+      grad_a.sum(0),
+      grad_b.permute({1, 2, 3, 0}),
+      grad_c.permute({1, 2, 3, 0}),
+      d.has_value() ? grad_skip.sum(0) : at::empty({0}, options),
+      delta_bias.has_value() ? grad_bias.sum(0) : at::empty({0}, options)};
 }
 
 // SS2D's four scans of a map. u: (batch, H, W, channels); delta: (batch, H, W, 4, channels); B, C: (batch, H, W, 4,
@@ -476,6 +765,10 @@ TORCH_LIBRARY(vmaml_unet, m) {
       "selective_scan_forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
       "bool delta_softplus, int chunk, bool save_checkpoints) -> (Tensor, Tensor)",
       &selective_scan_forward);
+  m.def(
+      "selective_scan_backward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
+      "bool delta_softplus, int chunk, Tensor checkpoints, Tensor grad_y) -> Tensor[]",
+      &selective_scan_backward);
   m.def(
       "cross_selective_scan_forward(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
       "Tensor? delta_bias, bool delta_softplus, int chunk) -> Tensor",

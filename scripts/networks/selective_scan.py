@@ -406,20 +406,14 @@ def _kernel_forward(
     """:func:`_scan_forward` in float32 by the fused CPU kernel, with the same chunks and checkpoints."""
     ops, _ = load_cpu_scan_kernel()
     chunk = _chunk_size(u.shape[0] * u.shape[1] * b.shape[2])
-    # The kernel reads float32 only; 16-bit inputs are widened as the PyTorch backend widens them chunk by chunk.
-    out, checkpoints = ops.selective_scan_forward(
-        u.float(),
-        delta.float(),
-        a.float(),
-        b.float(),
-        c.float(),
-        d.float() if d is not None else None,
-        delta_bias.float() if delta_bias is not None else None,
-        delta_softplus,
-        chunk,
-        save_checkpoints,
-    )
+    inputs = _as_float32([u, delta, a, b, c, d, delta_bias])
+    out, checkpoints = ops.selective_scan_forward(*inputs, delta_softplus, chunk, save_checkpoints)
     return out.to(u.dtype), checkpoints
+
+
+def _as_float32(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    # The kernel reads float32 only; 16-bit inputs are widened as the PyTorch backend widens them chunk by chunk.
+    return [t.float() if t is not None else None for t in tensors]
 
 
 def _kernel_backward(
@@ -438,20 +432,8 @@ def _kernel_backward(
     """:func:`_scan_backward` by the fused CPU kernel, from the checkpoints of :func:`_kernel_forward`."""
     ops, _ = load_cpu_scan_kernel()
     chunk = _chunk_size(u.shape[0] * u.shape[1] * b.shape[2])
-    grads = ops.selective_scan_backward(
-        u.float(),
-        delta.float(),
-        a.float(),
-        b.float(),
-        c.float(),
-        d.float() if d is not None else None,
-        delta_bias.float() if delta_bias is not None else None,
-        delta_softplus,
-        chunk,
-        checkpoints,
-        grad_y.float(),
-    )
     inputs = [u, delta, a, b, c, d, delta_bias]
+    grads = ops.selective_scan_backward(*_as_float32(inputs), delta_softplus, chunk, checkpoints, grad_y.float())
     return [
         grad.to(t.dtype) if needed and t is not None else None for grad, t, needed in zip(grads, inputs, needs_grad)
     ]

@@ -558,7 +558,62 @@ const float* optional_data(const c10::optional<at::Tensor>& t, at::Tensor& holde
   return holder.data_ptr<float>();
 }
 
-// u, delta: (batch, dim, L); A: (dim, N); B, C: (batch, groups, N, L); D, delta_bias: (dim,) or None.
+// The checked inputs of selective_scan_forward and _backward as a ScanProblem (without out and checkpoints), and
+// the tensors its pointers point into. u, delta: (batch, dim, L); A: (dim, N); B, C: (batch, groups, N, L);
+// D, delta_bias: (dim,) or None.
+struct SequenceScan {
+  ScanProblem p{};
+  at::Tensor u;  // with unit channel stride
+  at::Tensor delta;
+  at::Tensor a2;
+  at::Tensor skip;
+  at::Tensor delta_bias;
+};
+
+SequenceScan sequence_scan(
+    const at::Tensor& u,
+    const at::Tensor& delta,
+    const at::Tensor& a,
+    const at::Tensor& b,
+    const at::Tensor& c,
+    const c10::optional<at::Tensor>& d,
+    const c10::optional<at::Tensor>& delta_bias,
+    bool delta_softplus,
+    int64_t chunk) {
+  check_inputs(u, delta, a, b, c);
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "u and delta must be (batch, dim, L) of one shape");
+  TORCH_CHECK(b.dim() == 4 && c.sizes() == b.sizes(), "B and C must be (batch, groups, N, L) of one shape");
+  TORCH_CHECK(chunk > 0 && chunk <= kMaxChunk, "chunk must be in [1, ", kMaxChunk, "], got ", chunk);
+  const int64_t dim = u.size(1), groups = b.size(1), d_state = b.size(2);
+  TORCH_CHECK(groups > 0 && dim % groups == 0, "the groups of B and C must divide dim");
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == dim && a.size(1) == d_state, "A must be (dim, N)");
+  TORCH_CHECK(d_state <= kMaxState, "the CPU selective scan supports N <= ", kMaxState, ", got ", d_state);
+  SequenceScan scan;
+  scan.u = time_major(u);
+  scan.delta = time_major(delta);
+  scan.a2 = log2e_a_transposed(a);
+  ScanProblem& p = scan.p;
+  p.batch = u.size(0);
+  p.groups = groups;
+  p.channels = dim / groups;
+  p.d_state = d_state;
+  p.length = u.size(2);
+  p.height = 1;
+  p.width = p.length;
+  p.cross = false;
+  p.accumulate = false;
+  p.delta_softplus = delta_softplus;
+  p.chunk = chunk;
+  p.u = {scan.u.data_ptr<float>(), scan.u.stride(0), p.channels, scan.u.stride(2)};
+  p.delta = {scan.delta.data_ptr<float>(), scan.delta.stride(0), p.channels, scan.delta.stride(2)};
+  p.b = {b.data_ptr<float>(), b.stride(0), b.stride(1), b.stride(2), b.stride(3)};
+  p.c = {c.data_ptr<float>(), c.stride(0), c.stride(1), c.stride(2), c.stride(3)};
+  p.a2 = scan.a2.data_ptr<float>();
+  p.skip = optional_data(d, scan.skip, "D");
+  p.delta_bias = optional_data(delta_bias, scan.delta_bias, "delta_bias");
+  return scan;
+}
+
 // Returns the output (batch, dim, L), time-major in memory, and the states entering every chunk of `chunk` steps,
 // (num_chunks, batch, groups, N, dim / groups), or an empty tensor without save_checkpoints.
 std::tuple<at::Tensor, at::Tensor> selective_scan_forward(
@@ -572,42 +627,13 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_forward(
     bool delta_softplus,
     int64_t chunk,
     bool save_checkpoints) {
-  check_inputs(u, delta, a, b, c);
-  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "u and delta must be (batch, dim, L) of one shape");
-  TORCH_CHECK(b.dim() == 4 && c.sizes() == b.sizes(), "B and C must be (batch, groups, N, L) of one shape");
-  TORCH_CHECK(chunk > 0 && chunk <= kMaxChunk, "chunk must be in [1, ", kMaxChunk, "], got ", chunk);
-  const int64_t batch = u.size(0), dim = u.size(1), length = u.size(2);
-  const int64_t groups = b.size(1), d_state = b.size(2);
-  TORCH_CHECK(groups > 0 && dim % groups == 0, "the groups of B and C must divide dim");
-  TORCH_CHECK(a.dim() == 2 && a.size(0) == dim && a.size(1) == d_state, "A must be (dim, N)");
-  TORCH_CHECK(d_state <= kMaxState, "the CPU selective scan supports N <= ", kMaxState, ", got ", d_state);
-  const at::Tensor u_t = time_major(u), delta_t = time_major(delta);
-  at::Tensor out = at::empty({length, batch, dim}, u.options()).permute({1, 2, 0});
-  const int64_t num_chunks = (length + chunk - 1) / chunk;
+  SequenceScan scan = sequence_scan(u, delta, a, b, c, d, delta_bias, delta_softplus, chunk);
+  ScanProblem& p = scan.p;
+  at::Tensor out = at::empty({p.length, p.batch, p.groups * p.channels}, u.options()).permute({1, 2, 0});
+  const int64_t num_chunks = (p.length + chunk - 1) / chunk;
   at::Tensor checkpoints = at::empty(
-      {save_checkpoints ? num_chunks : 0, batch, groups, d_state, dim / groups}, u.options());
-  const at::Tensor a2 = log2e_a_transposed(a);
-  at::Tensor d_holder, bias_holder;
-  ScanProblem p{};
-  p.batch = batch;
-  p.groups = groups;
-  p.channels = dim / groups;
-  p.d_state = d_state;
-  p.length = length;
-  p.height = 1;
-  p.width = length;
-  p.cross = false;
-  p.accumulate = false;
-  p.delta_softplus = delta_softplus;
-  p.chunk = chunk;
-  p.u = {u_t.data_ptr<float>(), u_t.stride(0), p.channels, u_t.stride(2)};
-  p.delta = {delta_t.data_ptr<float>(), delta_t.stride(0), p.channels, delta_t.stride(2)};
+      {save_checkpoints ? num_chunks : 0, p.batch, p.groups, p.d_state, p.channels}, u.options());
   p.out = {out.data_ptr<float>(), out.stride(0), p.channels, out.stride(2)};
-  p.b = {b.data_ptr<float>(), b.stride(0), b.stride(1), b.stride(2), b.stride(3)};
-  p.c = {c.data_ptr<float>(), c.stride(0), c.stride(1), c.stride(2), c.stride(3)};
-  p.a2 = a2.data_ptr<float>();
-  p.skip = optional_data(d, d_holder, "D");
-  p.delta_bias = optional_data(delta_bias, bias_holder, "delta_bias");
   p.checkpoints = save_checkpoints ? checkpoints.data_ptr<float>() : nullptr;
   run(p);
   return {out, checkpoints};
@@ -628,50 +654,28 @@ std::vector<at::Tensor> selective_scan_backward(
     int64_t chunk,
     const at::Tensor& checkpoints,
     const at::Tensor& grad_y) {
-  check_inputs(u, delta, a, b, c);
+  SequenceScan scan = sequence_scan(u, delta, a, b, c, d, delta_bias, delta_softplus, chunk);
+  const ScanProblem& p = scan.p;
   check_float32_cpu(checkpoints, "checkpoints");
   check_float32_cpu(grad_y, "grad_y");
-  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes() && grad_y.sizes() == u.sizes(),
-              "u, delta and grad_y must be (batch, dim, L) of one shape");
-  TORCH_CHECK(b.dim() == 4 && c.sizes() == b.sizes(), "B and C must be (batch, groups, N, L) of one shape");
-  TORCH_CHECK(chunk > 0 && chunk <= kMaxChunk, "chunk must be in [1, ", kMaxChunk, "], got ", chunk);
-  const int64_t batch = u.size(0), dim = u.size(1), length = u.size(2);
-  const int64_t groups = b.size(1), d_state = b.size(2);
-  TORCH_CHECK(groups > 0 && dim % groups == 0, "the groups of B and C must divide dim");
-  TORCH_CHECK(a.dim() == 2 && a.size(0) == dim && a.size(1) == d_state, "A must be (dim, N)");
-  TORCH_CHECK(d_state <= kMaxState, "the CPU selective scan supports N <= ", kMaxState, ", got ", d_state);
+  TORCH_CHECK(grad_y.sizes() == u.sizes(), "grad_y must have the shape of u");
+  const int64_t batch = p.batch, dim = p.groups * p.channels, length = p.length;
   const int64_t num_chunks = (length + chunk - 1) / chunk;
   TORCH_CHECK(checkpoints.is_contiguous() &&
-                  checkpoints.sizes() == at::IntArrayRef({num_chunks, batch, groups, d_state, dim / groups}),
+                  checkpoints.sizes() == at::IntArrayRef({num_chunks, batch, p.groups, p.d_state, p.channels}),
               "checkpoints must be the forward's, saved with the same chunk");
-  const at::Tensor u_t = time_major(u), delta_t = time_major(delta), grad_y_t = time_major(grad_y);
+  const at::Tensor grad_y_t = time_major(grad_y);
   const auto options = u.options();
   at::Tensor grad_u = at::empty({length, batch, dim}, options).permute({1, 2, 0});
   at::Tensor grad_delta = at::empty({length, batch, dim}, options).permute({1, 2, 0});
-  at::Tensor grad_b = at::empty({length, batch, groups, d_state}, options);
-  at::Tensor grad_c = at::empty({length, batch, groups, d_state}, options);
-  at::Tensor grad_a = at::empty({batch, dim, d_state}, options);
-  at::Tensor grad_skip = at::empty({batch, dim}, options);
-  at::Tensor grad_bias = at::empty({batch, dim}, options);
-  const at::Tensor a2 = log2e_a_transposed(a);
-  at::Tensor d_holder, bias_holder;
+  at::Tensor grad_b = at::empty({length, batch, p.groups, p.d_state}, options);
+  at::Tensor grad_c = at::empty({length, batch, p.groups, p.d_state}, options);
+  at::Tensor grad_a = at::zeros({batch, dim, p.d_state}, options);
+  at::Tensor grad_skip = at::zeros({batch, dim}, options);
+  at::Tensor grad_bias = at::zeros({batch, dim}, options);
   BackwardProblem q{};
-  ScanProblem& p = q.scan;
-  p.batch = batch;
-  p.groups = groups;
-  p.channels = dim / groups;
-  p.d_state = d_state;
-  p.length = length;
-  p.delta_softplus = delta_softplus;
-  p.chunk = chunk;
-  p.u = {u_t.data_ptr<float>(), u_t.stride(0), p.channels, u_t.stride(2)};
-  p.delta = {delta_t.data_ptr<float>(), delta_t.stride(0), p.channels, delta_t.stride(2)};
-  p.b = {b.data_ptr<float>(), b.stride(0), b.stride(1), b.stride(2), b.stride(3)};
-  p.c = {c.data_ptr<float>(), c.stride(0), c.stride(1), c.stride(2), c.stride(3)};
-  p.a2 = a2.data_ptr<float>();
-  p.skip = optional_data(d, d_holder, "D");
-  p.delta_bias = optional_data(delta_bias, bias_holder, "delta_bias");
-  p.checkpoints = const_cast<float*>(checkpoints.data_ptr<float>());
+  q.scan = p;
+  q.scan.checkpoints = const_cast<float*>(checkpoints.data_ptr<float>());
   q.grad_y = {grad_y_t.data_ptr<float>(), grad_y_t.stride(0), p.channels, grad_y_t.stride(2)};
   q.grad_u = {grad_u.data_ptr<float>(), grad_u.stride(0), p.channels, grad_u.stride(2)};
   q.grad_delta = {grad_delta.data_ptr<float>(), grad_delta.stride(0), p.channels, grad_delta.stride(2)};
@@ -681,11 +685,7 @@ std::vector<at::Tensor> selective_scan_backward(
   q.grad_skip = grad_skip.data_ptr<float>();
   q.grad_bias = grad_bias.data_ptr<float>();
   if (length > 0) {
-    parallel_over(batch * groups, [&](int64_t first, int64_t last) { run_backward_items(q, first, last); });
-  } else {
-    grad_a.zero_();
-    grad_skip.zero_();
-    grad_bias.zero_();
+    parallel_over(batch * p.groups, [&](int64_t first, int64_t last) { run_backward_items(q, first, last); });
   }
   return {
       grad_u,

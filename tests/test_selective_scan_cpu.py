@@ -81,15 +81,20 @@ u, delta = torch.randn(2, 42, 150, generator=g), torch.randn(2, 42, 150, generat
 a = -torch.rand(42, 16, generator=g) * 4
 b, c = torch.randn(2, 2, 16, 150, generator=g), torch.randn(2, 2, 16, 150, generator=g)
 d, bias = torch.randn(42, generator=g), torch.randn(42, generator=g)
-kernel = selective_scan(u, delta, a, b, c, d, bias, backend="cpu_kernel")
-torch.testing.assert_close(kernel, selective_scan(u, delta, a, b, c, d, bias, backend="torch"), rtol=1e-5, atol=1e-5)
+inputs = [t.requires_grad_() for t in (u, delta, a, b, c, d, bias)]
+kernel = selective_scan(*inputs, backend="cpu_kernel")
+grads = torch.autograd.grad(kernel.sum(), inputs)
+pytorch = selective_scan(*inputs, backend="torch")
+torch.testing.assert_close(kernel, pytorch, rtol=1e-5, atol=1e-5)
+for g, g_ref in zip(grads, torch.autograd.grad(pytorch.sum(), inputs)):
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4 * g_ref.abs().max().item())
 print("AGREE")
 """
 
 
 def test_eight_lane_build_on_an_avx512_cpu(tmp_path: Path) -> None:
     """An AVX-512 CPU builds the kernel with 16 lanes; the 8-lane variant, which AVX2 CPUs build, is checked here
-    by building it with AVX-512 switched off."""
+    (forward and gradients) by building it with AVX-512 switched off."""
     if shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available():
         pytest.skip("no C++ compiler or no ninja on this machine")
     if "avx512f" not in selective_scan_cpu._cpu_description():

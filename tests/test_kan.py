@@ -152,3 +152,13 @@ def test_torchscript_matches_eager(module, shape):
     expected = module(x)
     torch.testing.assert_close(scripted(x), expected)
     torch.testing.assert_close(loaded(x), expected)
+
+
+@pytest.mark.parametrize("dim", [0, 2, -2])
+def test_bases_axis_can_be_placed_anywhere(dim):
+    x = torch.rand(2, 3, 5, 4, dtype=torch.float64) * 2.4 - 1.2
+    grid = make_uniform_grid(5, 3)
+    last = b_spline_bases(x, grid, 3)
+    placed = b_spline_bases(x, grid, 3, dim=dim)
+    assert placed.shape[dim] == 8
+    torch.testing.assert_close(placed, last.movedim(-1, dim), rtol=0, atol=0)

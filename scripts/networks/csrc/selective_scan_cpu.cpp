@@ -246,28 +246,39 @@ void scan_steps(
   }
 }
 
-// A work item: batch element b, a group (or all four directions when accumulating), and kBlock channels or, past the
-// last full block, one channel.
-struct WorkItem {
-  int64_t b;
-  int64_t k;
+// The channels of a group in blocks: kBlock channels each, then, past the last full block, one channel each.
+struct ChannelBlock {
   int64_t c0;
   int width;
 };
 
+inline int64_t num_channel_blocks(int64_t channels) {
+  return channels / kBlock + channels % kBlock;
+}
+
+inline ChannelBlock channel_block(int64_t channels, int64_t q) {
+  const int64_t full = channels / kBlock;
+  return q < full ? ChannelBlock{q * kBlock, kBlock} : ChannelBlock{full * kBlock + (q - full), 1};
+}
+
+// A work item of the forward pass: batch element b, a group (or all four directions when accumulating) and a block
+// of channels.
+struct WorkItem {
+  int64_t b;
+  int64_t k;
+  ChannelBlock block;
+};
+
 WorkItem work_item(const ScanProblem& p, int64_t index) {
-  const int64_t full = p.channels / kBlock;
-  const int64_t per_group = full + p.channels % kBlock;
+  const int64_t per_group = num_channel_blocks(p.channels);
   const int64_t groups = p.accumulate ? 1 : p.groups;
-  const int64_t q = index % per_group;
   const int64_t k = (index / per_group) % groups;
   const int64_t b = index / (per_group * groups);
-  return q < full ? WorkItem{b, k, q * kBlock, kBlock} : WorkItem{b, k, full * kBlock + (q - full), 1};
+  return WorkItem{b, k, channel_block(p.channels, index % per_group)};
 }
 
 int64_t num_work_items(const ScanProblem& p) {
-  const int64_t per_group = p.channels / kBlock + p.channels % kBlock;
-  return p.batch * (p.accumulate ? 1 : p.groups) * per_group;
+  return p.batch * (p.accumulate ? 1 : p.groups) * num_channel_blocks(p.channels);
 }
 
 // Items [first, last) over the whole sequence. states: (items, groups per item, N) vectors, zero on entry.
@@ -288,22 +299,22 @@ void run_items(const ScanProblem& p, int64_t first, int64_t last, Vec* states) {
         Vec* h = states + ((index - first) * groups_per_item + g) * p.d_state;
         if (p.checkpoints != nullptr) {
           float* saved = p.checkpoints +
-              (((t0 / p.chunk) * p.batch + item.b) * p.groups + k) * p.d_state * p.channels + item.c0;
+              (((t0 / p.chunk) * p.batch + item.b) * p.groups + k) * p.d_state * p.channels + item.block.c0;
           for (int64_t n = 0; n < p.d_state; ++n) {
-            std::memcpy(saved + n * p.channels, &h[n], item.width * sizeof(float));
+            std::memcpy(saved + n * p.channels, &h[n], item.block.width * sizeof(float));
           }
         }
-        if (item.width == kBlock) {
-          scan_steps<true>(p, item.b, k, item.c0, t0, t1, h, scratch);
+        if (item.block.width == kBlock) {
+          scan_steps<true>(p, item.b, k, item.block.c0, t0, t1, h, scratch);
         } else {
-          scan_steps<false>(p, item.b, k, item.c0, t0, t1, h, scratch);
+          scan_steps<false>(p, item.b, k, item.block.c0, t0, t1, h, scratch);
         }
       }
     }
   }
 }
 
-// Runs body(first, last, thread) over contiguous ranges of [0, items), one range per thread of torch's intra-op
+// Runs body(first, last) over contiguous ranges of [0, items), one range per thread of torch's intra-op
 // thread count. Work items never share outputs, so the threads need no synchronisation; std::thread rather than
 // at::parallel_for because the latter is inlined from the OpenMP headers, which this extension is not built against.
 template <typename Body>
@@ -466,8 +477,7 @@ void run_backward_items(const BackwardProblem& q, int64_t first, int64_t last) {
   const ScanProblem& p = q.scan;
   const int64_t n_states = p.d_state;
   const int64_t all_channels = p.groups * p.channels;
-  const int64_t full = p.channels / kBlock;
-  const int64_t blocks = full + p.channels % kBlock;
+  const int64_t blocks = num_channel_blocks(p.channels);
   BackwardScratch scratch(p.chunk, n_states);
   std::vector<Vec> carry(blocks * n_states);
   std::vector<Vec> grad_a(blocks * n_states);
@@ -487,14 +497,15 @@ void run_backward_items(const BackwardProblem& q, int64_t first, int64_t last) {
       std::fill(scratch.grad_b.begin(), scratch.grad_b.end(), Vec{});
       std::fill(scratch.grad_c.begin(), scratch.grad_c.end(), Vec{});
       for (int64_t block = 0; block < blocks; ++block) {
-        const bool whole = block < full;
-        const int64_t c0 = whole ? block * kBlock : full * kBlock + (block - full);
+        const ChannelBlock channels = channel_block(p.channels, block);
         Vec* block_carry = carry.data() + block * n_states;
         Vec* block_grad_a = grad_a.data() + block * n_states;
-        if (whole) {
-          backward_steps<true>(q, b, k, c0, t0, t1, scratch, block_carry, block_grad_a, grad_skip[block], grad_bias[block]);
+        if (channels.width == kBlock) {
+          backward_steps<true>(
+              q, b, k, channels.c0, t0, t1, scratch, block_carry, block_grad_a, grad_skip[block], grad_bias[block]);
         } else {
-          backward_steps<false>(q, b, k, c0, t0, t1, scratch, block_carry, block_grad_a, grad_skip[block], grad_bias[block]);
+          backward_steps<false>(
+              q, b, k, channels.c0, t0, t1, scratch, block_carry, block_grad_a, grad_skip[block], grad_bias[block]);
         }
       }
       for (int64_t i = 0; i < t1 - t0; ++i) {
@@ -507,21 +518,19 @@ void run_backward_items(const BackwardProblem& q, int64_t first, int64_t last) {
     }
     // Items of other batch elements own the same channels: each writes its own slice, summed by the caller.
     for (int64_t block = 0; block < blocks; ++block) {
-      const bool whole = block < full;
-      const int64_t c0 = whole ? block * kBlock : full * kBlock + (block - full);
-      const int width = whole ? kBlock : 1;
-      const int64_t channel = k * p.channels + c0;
+      const ChannelBlock channels = channel_block(p.channels, block);
+      const int64_t channel = k * p.channels + channels.c0;
       float lanes[kBlock];
       for (int64_t n = 0; n < n_states; ++n) {
         std::memcpy(lanes, &grad_a[block * n_states + n], sizeof(lanes));
-        for (int j = 0; j < width; ++j) {
+        for (int j = 0; j < channels.width; ++j) {
           q.grad_a[(b * all_channels + channel + j) * n_states + n] = lanes[j];
         }
       }
       std::memcpy(lanes, &grad_skip[block], sizeof(lanes));
-      std::memcpy(q.grad_skip + b * all_channels + channel, lanes, width * sizeof(float));
+      std::memcpy(q.grad_skip + b * all_channels + channel, lanes, channels.width * sizeof(float));
       std::memcpy(lanes, &grad_bias[block], sizeof(lanes));
-      std::memcpy(q.grad_bias + b * all_channels + channel, lanes, width * sizeof(float));
+      std::memcpy(q.grad_bias + b * all_channels + channel, lanes, channels.width * sizeof(float));
     }
   }
 }

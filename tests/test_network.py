@@ -86,6 +86,28 @@ def test_every_parameter_gets_a_gradient(wavelet_fusion, use_wcaa):
     assert not missing
 
 
+@pytest.mark.parametrize("wavelet_fusion", ["replace", "none"])
+def test_training_under_autocast_gives_every_parameter_a_finite_gradient(wavelet_fusion):
+    """float16 autocast on the CPU stands in for a GPU's AMP; with WTConv, SS2D hands the scan mixed dtypes."""
+    torch.manual_seed(0)
+    net = VMAMLUNet(wavelet_fusion=wavelet_fusion, **TINY).train()
+    x = torch.randn(2, 3, 128, 128)
+    torch.manual_seed(1)  # the same drop-path masks in both passes
+    with torch.autocast("cpu", dtype=torch.float16):
+        output = net(x)
+    assert output.dtype in (torch.float16, torch.float32) and torch.isfinite(output).all()
+    output.float().square().mean().backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert all(p.grad.dtype == torch.float32 for p in net.parameters())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        reference = net(x)
+    # float16 rounding, amplified by the untrained network: measured at 1.2% (replace) and 3.2% (none) of the largest
+    # output
+    assert (output.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
 def test_default_network_runs():
     net = VMAMLUNet().eval()
     with torch.no_grad():

@@ -3,6 +3,7 @@
 import itertools
 import logging
 import sys
+import types
 from pathlib import Path
 from typing import List, Optional
 
@@ -341,6 +342,67 @@ def test_mamba_ssm_import_failure_is_logged_once(
         assert len(warnings) == 1
     finally:
         loader.cache_clear()
+
+
+def _fake_mamba_interface(selective_scan_fn: object) -> types.ModuleType:
+    module = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    module.selective_scan_fn = selective_scan_fn  # type: ignore[attr-defined]
+    return module
+
+
+def test_mamba_ssm_without_its_cuda_extension_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A default mamba-ssm install since state-spaces/mamba#977: the Python module imports, selective_scan_cuda does not.
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", _fake_mamba_interface(object()))
+    monkeypatch.setitem(sys.modules, "selective_scan_cuda", None)
+    loader = selective_scan_module._load_mamba_selective_scan
+    loader.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=selective_scan_module.__name__):
+            fn, err = loader()
+        assert fn is None and isinstance(err, ImportError)
+        assert any("MAMBA_KEEP_CUDA_BUILD=TRUE" in r.getMessage() for r in caplog.records)
+        monkeypatch.setitem(sys.modules, "selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+        loader.cache_clear()
+        fn, err = loader()
+        assert fn is sys.modules["mamba_ssm.ops.selective_scan_interface"].selective_scan_fn and err is None
+    finally:
+        loader.cache_clear()
+
+
+def _kernel_contract_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):  # noqa: N803
+    """mamba-ssm's dtype checks (selective_scan_cuda.fwd, csrc/selective_scan/selective_scan.cpp), then our scan."""
+    assert u.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    assert delta.dtype == B.dtype == C.dtype == u.dtype
+    assert A.dtype == torch.float32
+    assert D is None or D.dtype == torch.float32
+    assert delta_bias is None or delta_bias.dtype == torch.float32
+    assert z is None
+    return selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, backend="torch")
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        # SS2D under float16 autocast: WTConv's output (scaled by a float32 parameter) is float32, projections half
+        {"u": torch.float32, "delta": torch.float16, "B": torch.float16, "C": torch.float16},
+        {"u": torch.bfloat16, "delta": torch.bfloat16, "B": torch.bfloat16, "C": torch.bfloat16},
+        {"u": torch.float16, "A": torch.float16, "D": torch.float16, "delta_bias": torch.float16},
+    ],
+)
+def test_mamba_ssm_call_meets_the_kernel_dtype_contract(dtypes: dict) -> None:
+    inputs = [t.float() for t in make_inputs(length=12)]
+    inputs = [t.to(dtypes.get(name, torch.float32)) for name, t in zip(ARG_NAMES, inputs)]
+    y = selective_scan_module._mamba_ssm_scan(_kernel_contract_scan, *inputs, True)
+    assert y.dtype == inputs[0].dtype
+    widest = [t.float() for t in inputs]
+    torch.testing.assert_close(y.float(), selective_scan(*widest, backend="torch"), rtol=1e-2, atol=1e-2)
+
+
+def test_mamba_ssm_backend_refuses_float64() -> None:
+    with pytest.raises(ValueError, match="no float64 kernel"):
+        selective_scan(*make_inputs(length=3), backend="mamba_ssm")
 
 
 def test_auto_on_cpu_does_not_import_mamba_ssm() -> None:

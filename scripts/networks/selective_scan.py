@@ -31,7 +31,7 @@ from torch import Tensor
 from scripts.networks.parallel_scan import parallel_selective_scan
 from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel
 
-__all__ = ["selective_scan", "scan_backends", "cpu_kernel_applies"]
+__all__ = ["selective_scan", "scan_backends", "cpu_kernel_applies", "mamba_ssm_unavailable_reason"]
 
 # The CPU kernel keeps a work item's states in registers and L1: kMaxState in csrc/selective_scan_cpu.cpp.
 MAX_KERNEL_STATES = 64
@@ -517,14 +517,61 @@ class _SelectiveScanFunction(torch.autograd.Function):
 def _load_mamba_selective_scan() -> Tuple[Optional[Callable[..., Tensor]], Optional[BaseException]]:
     # Imported lazily and once: importing mamba_ssm fails (with ImportError, OSError or RuntimeError depending on
     # what is missing) wherever its CUDA extension is not built, which must not break the pure-PyTorch backend.
+    # Since state-spaces/mamba#977 a default install builds no selective_scan_cuda extension, yet selective_scan_fn
+    # still imports and fails only when called: the extension is imported here too, so that "auto" falls back
+    # instead of raising at the first CUDA forward.
     try:
+        import selective_scan_cuda  # noqa: F401
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except (ImportError, OSError, RuntimeError) as err:
+        hint = " (build mamba-ssm with MAMBA_KEEP_CUDA_BUILD=TRUE, see docs/gpu.md)" if _is_missing(err) else ""
         logger.warning(
-            "mamba_ssm is unavailable (%s: %s); selective_scan uses its PyTorch backend.", type(err).__name__, err
+            "mamba_ssm is unavailable (%s: %s)%s; selective_scan uses its PyTorch backend.",
+            type(err).__name__,
+            err,
+            hint,
         )
         return None, err
     return selective_scan_fn, None
+
+
+def mamba_ssm_unavailable_reason() -> Optional[str]:
+    """Why mamba-ssm's CUDA kernel cannot be used in this environment, or None when it can (imports it once)."""
+    _, err = _load_mamba_selective_scan()
+    return None if err is None else f"{type(err).__name__}: {err}"
+
+
+def _is_missing(err: BaseException) -> bool:
+    return isinstance(err, ModuleNotFoundError) and err.name == "selective_scan_cuda"
+
+
+def _mamba_ssm_scan(
+    selective_scan_fn: Callable[..., Tensor],
+    u: Tensor,
+    delta: Tensor,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    d: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+) -> Tensor:
+    # mamba-ssm's kernel takes u, delta, B and C in one dtype and A, D and delta_bias in float32, where the PyTorch
+    # backend takes any mix: under autocast SS2D's projections are float16 while WTConv's output (scaled by a float32
+    # parameter) is float32. The mix is resolved here, to the widest of the four, and the result has u's dtype.
+    dtype = functools.reduce(torch.promote_types, (delta.dtype, b.dtype, c.dtype), u.dtype)
+    y = selective_scan_fn(
+        u.to(dtype),
+        delta.to(dtype),
+        a.float(),
+        b.to(dtype),
+        c.to(dtype),
+        None if d is None else d.float(),
+        z=None,
+        delta_bias=None if delta_bias is None else delta_bias.float(),
+        delta_softplus=delta_softplus,
+    )
+    return y.to(u.dtype)
 
 
 # Eager-only (autograd Function, lazy import): selective_scan does not reach it under TorchScript, and `unused` keeps
@@ -546,21 +593,23 @@ def _selective_scan_eager(
         # constant, torch.export takes minutes over it, and mamba-ssm's kernel is opaque to both.
         return parallel_selective_scan(u, delta, a, b, c, d, delta_bias, delta_softplus)
     on_cuda = u.device.type == "cuda"
+    dtype = _compute_dtype(u, delta, a, b, c, d, delta_bias)
     if backend == "mamba_ssm":
+        if dtype == torch.float64:
+            raise ValueError("backend='mamba_ssm' has no float64 kernel; use 'auto' or 'torch' for float64 inputs.")
         if not on_cuda:
             raise ValueError(
                 f"backend='mamba_ssm' needs CUDA tensors, got tensors on '{u.device}'; use 'auto' or 'torch'."
             )
         selective_scan_fn, err = _load_mamba_selective_scan()
         if selective_scan_fn is None:
-            raise ImportError(f"backend='mamba_ssm' was requested but mamba_ssm cannot be imported: {err}") from err
-        return selective_scan_fn(u, delta, a, b, c, d, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus)
+            raise ImportError(f"backend='mamba_ssm' was requested but mamba_ssm cannot be used: {err}") from err
+        return _mamba_ssm_scan(selective_scan_fn, u, delta, a, b, c, d, delta_bias, delta_softplus)
     # mamba-ssm's kernel has no float64 path, so float64 (e.g. gradcheck on a GPU) always takes the PyTorch backend.
-    dtype = _compute_dtype(u, delta, a, b, c, d, delta_bias)
     if backend == "auto" and on_cuda and dtype != torch.float64:
         selective_scan_fn, _ = _load_mamba_selective_scan()
         if selective_scan_fn is not None:
-            return selective_scan_fn(u, delta, a, b, c, d, z=None, delta_bias=delta_bias, delta_softplus=delta_softplus)
+            return _mamba_ssm_scan(selective_scan_fn, u, delta, a, b, c, d, delta_bias, delta_softplus)
     use_kernel = cpu_kernel_applies(backend, dtype, u.device, b.shape[2])
     return _SelectiveScanFunction.apply(u, delta, a, b, c, d, delta_bias, delta_softplus, use_kernel)
 
@@ -610,10 +659,9 @@ def selective_scan(
         time-major; contiguous otherwise.
 
     Raises:
-        ValueError: for an unknown ``backend``, mis-shaped or non-floating-point inputs, ``backend="mamba_ssm"``
-            with tensors that are not on CUDA, or ``backend="cpu_kernel"`` with tensors that are not on the CPU or
-            are float64.
-        ImportError: for ``backend="mamba_ssm"`` when ``mamba_ssm`` cannot be imported.
+        ValueError: for an unknown ``backend``, mis-shaped or non-floating-point inputs, or ``backend="mamba_ssm"``
+            or ``"cpu_kernel"`` with tensors that are float64 or not on its device.
+        ImportError: for ``backend="mamba_ssm"`` when ``mamba_ssm`` or its CUDA extension cannot be imported.
         RuntimeError: for ``backend="cpu_kernel"`` when the kernel cannot be built or loaded.
     """
     _validate(u, delta, A, B, C, D, delta_bias, backend)

@@ -6,7 +6,7 @@ Command line (``python -m scripts.benchmark [options]``)::
 
     python -m scripts.benchmark                                   # CPU: docs/benchmark.md, docs/benchmark_latency.png
     python -m scripts.benchmark --quick --output_dir /tmp/bench   # tiny sizes in seconds: checks that it all runs
-    python -m scripts.benchmark --device cuda                     # on a GPU, with training throughput in AMP
+    python -m scripts.benchmark --device cuda                     # GPU: docs/benchmark_gpu.md, with AMP training
     python -m scripts.benchmark --repeats 9 --threads 2
 
 Every time is the median of several runs after one warm-up run (:func:`measure`). The headline numbers are ratios
@@ -16,7 +16,6 @@ to SwinUNETR measured in the same run, which carry over between machines better 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import logging
 import math
 import multiprocessing
@@ -42,7 +41,8 @@ from monai.networks.nets import BasicUNet, SegResNet, SwinUNETR, UNet
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from scripts.networks.selective_scan import selective_scan
+from scripts.backend_agreement import BackendAgreement, compare_scan_backends, relative_error
+from scripts.networks.selective_scan import mamba_ssm_unavailable_reason, selective_scan
 from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel
 from scripts.networks.selective_scan_reference import selective_scan_reference
 from scripts.networks.ss2d import SS2D, with_scan_backend
@@ -59,6 +59,7 @@ __all__ = [
     "ScanSettings",
     "Timing",
     "benchmark_network",
+    "check_scan_backends",
     "benchmark_scan",
     "build_network",
     "count_macs",
@@ -69,12 +70,12 @@ __all__ = [
     "make_scan_inputs",
     "measure",
     "network_channels",
+    "output_names",
     "peak_cuda_increase",
     "peak_memory",
     "peak_rss_increase",
     "plot_latency",
     "power_law_exponent",
-    "relative_error",
     "render_markdown",
     "scaling_exponent",
     "scan_gradient_error",
@@ -84,8 +85,11 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 INFERENCE_CONFIG = REPO / "configs" / "inference.json"
-MARKDOWN_NAME = "benchmark.md"
-PLOT_NAME = "benchmark_latency.png"
+# A GPU run writes beside the CPU one instead of over it.
+OUTPUT_NAMES = {
+    "cpu": ("benchmark.md", "benchmark_latency.png"),
+    "cuda": ("benchmark_gpu.md", "benchmark_gpu_latency.png"),
+}
 
 # The switches of configs/inference.json's network_def that turn every VMAML-UNet addition off: VM-UNet.
 VM_UNET_OVERRIDES = {"wavelet_fusion": "none", "use_wcaa": False, "kan_side_heads": False}
@@ -302,9 +306,9 @@ def power_law_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
     return statistics.linear_regression([math.log(x) for x in xs], [math.log(y) for y in ys]).slope
 
 
-def relative_error(x: Tensor, reference: Tensor) -> float:
-    """``max |x - reference| / max |reference|``, in float64."""
-    return ((x.double() - reference.double()).abs().max() / reference.double().abs().max().clamp_min(1e-300)).item()
+def output_names(device: torch.device) -> tuple[str, str]:
+    """The names of the Markdown page and the PNG plot of a run on ``device``."""
+    return OUTPUT_NAMES[device.type]
 
 
 def build_network(name: str, config_file: str | os.PathLike = INFERENCE_CONFIG) -> nn.Module:
@@ -675,6 +679,31 @@ def benchmark_scan(
     return results, fit
 
 
+def check_scan_backends(
+    settings: BenchmarkSettings, device: torch.device, config_file: str | os.PathLike = INFERENCE_CONFIG
+) -> BackendAgreement | str:
+    """
+    The kernel scan backend of ``device`` (``cpu_kernel`` or ``mamba_ssm``) against the PyTorch scan on VMAML-UNet
+    (:func:`~scripts.backend_agreement.compare_scan_backends`), at batch ``train_batch`` of the first side; or why
+    the kernel cannot be checked here.
+    """
+    if device.type == "cuda":
+        backend, reason = "mamba_ssm", mamba_ssm_unavailable_reason()
+    else:
+        backend = "cpu_kernel"
+        reason = None if load_cpu_scan_kernel()[0] is not None else "the C++ kernel did not build"
+    if reason is not None:
+        return f"{backend} not checked: {reason}"
+    torch.manual_seed(0)
+    network = build_network("VMAML-UNet", config_file)
+    in_channels, _ = network_channels(config_file)
+    side = settings.sides[0]
+    images = torch.randn(settings.train_batch, in_channels, side, side, device=device)
+    agreement = compare_scan_backends(network, images, backend)
+    logger.info(agreement.summary())
+    return agreement
+
+
 @dataclass
 class Report:
     """A benchmark run: its context and results, from which the Markdown and the plot are made."""
@@ -690,6 +719,7 @@ class Report:
     scans: list[ScanResult]
     scan_fit: ScanFit | None
     scan_gradient_error: float
+    backend_agreement: BackendAgreement | str
     gpu_name: str | None = None
 
     def network(self, name: str) -> NetworkResult:
@@ -950,8 +980,25 @@ def render_markdown(report: Report) -> str:
             rows,
         )
 
+    lines += [
+        "",
+        "## Scan backends on the full network",
+        "",
+        f"VMAML-UNet at {first}x{first}, batch {settings.train_batch}, float32, the same weights and images: the "
+        "kernel scan against the PyTorch scan (`python -m scripts.backend_agreement`). Relative errors of the "
+        "eval-mode output (no gradients), of the training-mode outputs (main and side heads) and of the parameter "
+        "gradient that differs most, from a fixed random cotangent.",
+        "",
+        "- "
+        + (
+            report.backend_agreement
+            if isinstance(report.backend_agreement, str)
+            else report.backend_agreement.summary()
+        ),
+    ]
+
     lines += ["", "## Method", ""] + [f"- {note}" for note in _method_notes(report)]
-    lines += ["", f"![Inference latency against image side]({PLOT_NAME})", ""]
+    lines += ["", f"![Inference latency against image side]({output_names(report.device)[1]})", ""]
     return "\n".join(lines)
 
 
@@ -1001,7 +1048,10 @@ def _method_notes(report: Report) -> list[str]:
             f"Throughput at batch {settings.throughput_batch} is not measured on the CPU above "
             f"{settings.cpu_throughput_max_side} px (minutes per run and several GB for the Mamba networks)."
         )
-    notes.append(f"Figure: {PLOT_NAME}, batch-1 latency against image side, log-log, made by the command above.")
+    notes.append(
+        f"Figure: {output_names(report.device)[1]}, batch-1 latency against image side, log-log, made by the command "
+        "above."
+    )
     return notes
 
 
@@ -1085,8 +1135,9 @@ def describe_machine(device: torch.device) -> str:
         f"MONAI {monai.__version__}",
     ]
     if device.type == "cuda":
-        mamba = "installed" if importlib.util.find_spec("mamba_ssm") else "not installed"
-        parts = [f"GPU {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, mamba-ssm {mamba})"] + parts
+        reason = mamba_ssm_unavailable_reason()
+        scan = "mamba-ssm's kernel" if reason is None else f"PyTorch (mamba-ssm cannot be used: {reason})"
+        parts = [f"GPU {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), GPU scan: {scan}"] + parts
     else:
         kernel, _ = load_cpu_scan_kernel()
         parts.append(
@@ -1111,7 +1162,8 @@ def main(
     threads: int | None = None,
 ) -> str:
     """
-    Run the benchmark and write ``benchmark.md`` and ``benchmark_latency.png`` into ``output_dir``.
+    Run the benchmark and write ``benchmark.md`` and ``benchmark_latency.png`` (``benchmark_gpu.md`` and
+    ``benchmark_gpu_latency.png`` on a GPU) into ``output_dir``.
 
     Args:
         quick: tiny sizes and one run per measurement (seconds), to check that everything runs.
@@ -1171,9 +1223,10 @@ def main(
         scans=scans,
         scan_fit=scan_fit,
         scan_gradient_error=scan_gradient_error(settings.scan, torch_device),
+        backend_agreement=check_scan_backends(settings, torch_device),
         gpu_name=torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else None,
     )
-    markdown_path, plot_path = out / MARKDOWN_NAME, out / PLOT_NAME
+    markdown_path, plot_path = (out / name for name in output_names(torch_device))
     markdown_path.write_text(render_markdown(report))
     plot_latency(report, plot_path)
     targets = [f"{'n/a' if p is None else 'PASS' if p else 'FAIL'}: {s}" for p, s in evaluate_targets(report)]

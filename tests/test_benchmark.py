@@ -14,12 +14,15 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from scripts import benchmark
+from scripts.backend_agreement import BackendAgreement, relative_error
 from scripts.benchmark import NETWORKS, NetworkResult, Report, ScanResult, Timing
 from scripts.networks.selective_scan import selective_scan
+from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel
 from scripts.networks.selective_scan_reference import selective_scan_reference
 from scripts.networks.ss2d import SS2D
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MARKDOWN_NAME, PLOT_NAME = benchmark.output_names(torch.device("cpu"))
 
 
 def table_rows(markdown: str, first_header_cell: str, second_header_cell: str) -> tuple[list[str], list[list[str]]]:
@@ -46,7 +49,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]
         summary = benchmark.main(quick=True, output_dir=str(output_dir), threads=1)
     finally:
         torch.set_num_threads(threads)
-    return output_dir, (output_dir / benchmark.MARKDOWN_NAME).read_text(), summary
+    return output_dir, (output_dir / MARKDOWN_NAME).read_text(), summary
 
 
 def test_quick_run_states_machine_command_and_targets(quick_run: tuple[Path, str, str]) -> None:
@@ -106,14 +109,26 @@ def test_quick_run_counts_parameters_macs_and_training_memory(quick_run: tuple[P
 
 def test_quick_run_writes_a_png(quick_run: tuple[Path, str, str]) -> None:
     output_dir, markdown, _ = quick_run
-    path = output_dir / benchmark.PLOT_NAME
+    path = output_dir / PLOT_NAME
     assert path.read_bytes()[: len(PNG_SIGNATURE)] == PNG_SIGNATURE
     from PIL import Image
 
     with Image.open(path) as image:
         image.verify()
         assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
-    assert f"]({benchmark.PLOT_NAME})" in markdown
+    assert f"]({PLOT_NAME})" in markdown
+
+
+def test_quick_run_checks_the_cpu_kernel_against_the_pytorch_scan_on_the_network(
+    quick_run: tuple[Path, str, str],
+) -> None:
+    _, markdown, _ = quick_run
+    lines = markdown.splitlines()
+    line = lines[lines.index("## Scan backends on the full network") + 4]
+    if load_cpu_scan_kernel()[0] is None:
+        assert line == "- cpu_kernel not checked: the C++ kernel did not build"
+        return
+    assert line.startswith("- cpu_kernel vs torch: inference output ") and line.endswith(": agree")
 
 
 def test_power_law_exponent_recovers_known_exponents() -> None:
@@ -215,12 +230,12 @@ def test_reference_equals_selective_scan(dtype: torch.dtype, with_optional: bool
     y = selective_scan(*leaves, delta_softplus=delta_softplus, backend="torch")
     y_ref = selective_scan_reference(*leaves, delta_softplus=delta_softplus)
     assert y_ref.dtype == dtype and y_ref.shape == y.shape
-    assert benchmark.relative_error(y, y_ref) < 1e-5
+    assert relative_error(y, y_ref) < 1e-5
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
     grads = torch.autograd.grad(y, present, grad_y)
     grads_ref = torch.autograd.grad(y_ref, present, grad_y)
     for g, g_ref in zip(grads, grads_ref):
-        assert benchmark.relative_error(g, g_ref) < 1e-5
+        assert relative_error(g, g_ref) < 1e-5
 
 
 def test_reference_computes_in_float64_when_any_input_is() -> None:
@@ -279,6 +294,11 @@ def synthetic_report(gpu_name: str | None) -> Report:
         scans=[scan],
         scan_fit=None,
         scan_gradient_error=3e-6,
+        backend_agreement=(
+            BackendAgreement("mamba_ssm", "torch", 2e-6, 3e-6, 4e-4, "encoder.0.0.ss2d.A_log")
+            if gpu_name
+            else "cpu_kernel not checked: the C++ kernel did not build"
+        ),
         gpu_name=gpu_name,
     )
 
@@ -300,7 +320,14 @@ def test_gpu_section_is_rendered_with_the_gpu_model() -> None:
     batch = benchmark.QUICK.gpu_train_batch
     assert rows[0][1:3] == [f"{batch / 0.5:.3g}", "0.50x"]
     assert rows[2][2] == "1.00x"
-    assert "## GPU" not in benchmark.render_markdown(synthetic_report(None))
+    assert (
+        "- mamba_ssm vs torch: inference output 2.0e-06, training output 3.0e-06 (tolerance 1e-04), largest gradient "
+        "4.0e-04 in encoder.0.0.ss2d.A_log (tolerance 1e-03): agree\n" in markdown
+    )
+    assert "](benchmark_gpu_latency.png)" in markdown
+    cpu_markdown = benchmark.render_markdown(synthetic_report(None))
+    assert "## GPU" not in cpu_markdown and "](benchmark_latency.png)" in cpu_markdown
+    assert "- cpu_kernel not checked: the C++ kernel did not build\n" in cpu_markdown
 
 
 def test_main_rejects_bad_arguments_before_measuring() -> None:

@@ -1,12 +1,15 @@
 """
 Repository hygiene the MONAI model zoo enforces on a bundle: flake8, black and isort at 120 columns (settings in
-``setup.cfg`` and ``pyproject.toml``), JSON configs indented by 4 spaces, and no tracked file over 1 MB.
+``setup.cfg`` and ``pyproject.toml``), JSON configs indented by 4 spaces, no tracked file over 1 MB, and
+documentation whose links and ``python -m scripts...`` commands resolve.
 
 The checks look at the files git tracks, which is what a clone of the bundle (and the zoo's CI) sees; outputs
 ignored by git (``models/``, ``eval/``, ``data/``) and work not yet added are not the repository's content.
 """
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,3 +67,25 @@ def test_no_large_files():
         name for name in _tracked() if (REPO / name).is_file() and (REPO / name).stat().st_size > MAX_FILE_BYTES
     ]
     assert not too_large, f"tracked files over {MAX_FILE_BYTES} bytes (ship them as large_files.yml links): {too_large}"
+
+
+def test_documentation_links_and_commands_resolve():
+    """Every relative link of the tracked Markdown files names a tracked file, and every ``python -m scripts.x``
+    a module of the bundle: the docs move with the code."""
+    tracked = set(_tracked())
+    broken = []
+    checked = 0
+    for name in _tracked("*.md", "**/*.md"):
+        text = (REPO / name).read_text()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path = os.path.normpath(Path(name).parent / target)
+            if path not in tracked and not (REPO / path).is_dir():
+                broken.append(f"{name}: {target}")
+            checked += 1
+        for module in re.findall(r"python -m (scripts(?:\.\w+)+)", text):
+            if f"{module.replace('.', '/')}.py" not in tracked:
+                broken.append(f"{name}: python -m {module}")
+    assert not broken, f"links or commands that point at nothing: {broken}"
+    assert checked > 10, "the link pattern found (almost) no links"

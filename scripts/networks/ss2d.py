@@ -177,7 +177,8 @@ class SS2D(nn.Module):
         """The four scans by the fused CPU kernel, reading pixels in place (no cross-scan copies, no cross-merge)."""
         batch, height, width, k, _ = projected.shape
         dts, b, c = torch.split(projected.float(), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dts.reshape(batch * height * width, -1), self._dt_projection().float())
+        # .float() again after the linear: under autocast it returns 16-bit values, which the kernel refuses.
+        delta = F.linear(dts.reshape(batch * height * width, -1), self._dt_projection().float()).float()
         ops, _ = load_cpu_scan_kernel()
         return ops.cross_selective_scan_forward(
             u.float(),

@@ -8,6 +8,7 @@ Command line (``python -m scripts.benchmark [options]``)::
     python -m scripts.benchmark --quick --output_dir /tmp/bench   # tiny sizes in seconds: checks that it all runs
     python -m scripts.benchmark --device cuda                     # GPU: docs/benchmark_gpu.md, with AMP training
     python -m scripts.benchmark --repeats 9 --threads 2
+    python -m scripts.benchmark --autocast bfloat16               # networks in bf16 autocast: docs/benchmark_bf16.md
 
 Every time is the median of several runs after one warm-up run (:func:`measure`). The headline numbers are ratios
 to SwinUNETR measured in the same run, which carry over between machines better than absolute times.
@@ -85,11 +86,8 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 INFERENCE_CONFIG = REPO / "configs" / "inference.json"
-# A GPU run writes beside the CPU one instead of over it.
-OUTPUT_NAMES = {
-    "cpu": ("benchmark.md", "benchmark_latency.png"),
-    "cuda": ("benchmark_gpu.md", "benchmark_gpu_latency.png"),
-}
+# The --autocast values, and the suffix of their output files.
+AUTOCAST_DTYPES = {"bfloat16": (torch.bfloat16, "bf16"), "float16": (torch.float16, "fp16")}
 
 # The switches of configs/inference.json's network_def that turn every VMAML-UNet addition off: VM-UNet.
 VM_UNET_OVERRIDES = {"wavelet_fusion": "none", "use_wcaa": False, "kan_side_heads": False}
@@ -162,6 +160,8 @@ class BenchmarkSettings:
         repeats: timed runs per measurement after the warm-up.
         budget_s: a measurement stops adding runs once it has taken this long (see :func:`measure`).
         scan: sizes of the selective-scan benchmark.
+        autocast: the dtype in which the networks' timed passes (latency, throughput, training step) run under
+            ``torch.autocast``, or None for float32. Peak memory, the scan benchmark and the backend check stay float32.
     """
 
     sides: tuple[int, ...]
@@ -172,6 +172,7 @@ class BenchmarkSettings:
     repeats: int
     budget_s: float
     scan: ScanSettings
+    autocast: torch.dtype | None = None
 
 
 FULL = BenchmarkSettings(
@@ -306,9 +307,15 @@ def power_law_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
     return statistics.linear_regression([math.log(x) for x in xs], [math.log(y) for y in ys]).slope
 
 
-def output_names(device: torch.device) -> tuple[str, str]:
-    """The names of the Markdown page and the PNG plot of a run on ``device``."""
-    return OUTPUT_NAMES[device.type]
+def output_names(device: torch.device, autocast: torch.dtype | None = None) -> tuple[str, str]:
+    """
+    The names of the Markdown page and the PNG plot of a run on ``device`` with ``autocast``: ``benchmark.md`` and
+    ``benchmark_latency.png`` for float32 on the CPU, and suffixed by ``_gpu`` and the autocast dtype otherwise, so
+    that a GPU or reduced-precision run is written beside the CPU page instead of over it.
+    """
+    suffix = "_gpu" if device.type == "cuda" else ""
+    suffix += "".join(f"_{short}" for dtype, short in AUTOCAST_DTYPES.values() if dtype == autocast)
+    return f"benchmark{suffix}.md", f"benchmark{suffix}_latency.png"
 
 
 def build_network(name: str, config_file: str | os.PathLike = INFERENCE_CONFIG) -> nn.Module:
@@ -366,30 +373,33 @@ def network_channels(config_file: str | os.PathLike = INFERENCE_CONFIG) -> tuple
     return parser.get_parsed_content("in_channels"), parser.get_parsed_content("out_channels")
 
 
-def _inference(network: nn.Module, images: Tensor) -> Callable[[], None]:
+def _inference(network: nn.Module, images: Tensor, autocast: torch.dtype | None = None) -> Callable[[], None]:
     def infer() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
             network(images)
 
     return infer
 
 
-def _training_step(network: nn.Module, images: Tensor, out_channels: int, amp: bool) -> Callable[[], None]:
+def _training_step(
+    network: nn.Module, images: Tensor, out_channels: int, autocast: torch.dtype | None = None
+) -> Callable[[], None]:
     """
     One training step of ``network`` on ``images`` ``(B, C, H, W)``: forward, DiceCE loss against random labels
     (summed over VMAML-UNet's deep-supervision outputs with MONAI's ``DeepSupervisionLoss``), backward and an AdamW
-    step; in float16 autocast with gradient scaling when ``amp``. The optimizer's state appears at the first call.
+    step; the forward in ``autocast`` when given, with gradient scaling for float16 (mixed-precision training). The
+    optimizer's state appears at the first call.
     """
     binary = out_channels == 1
     label_shape = (images.shape[0], 1, *images.shape[2:])
     labels = torch.randint(0, 2 if binary else out_channels, label_shape, device=images.device).float()
     loss_function = DeepSupervisionLoss(DiceCELoss(sigmoid=binary, softmax=not binary, to_onehot_y=not binary))
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(images.device.type, enabled=amp)
+    scaler = torch.amp.GradScaler(images.device.type, enabled=autocast == torch.float16)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(images.device.type, enabled=amp):
+        with torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
             output = network(images)
         # VMAML-UNet in training mode stacks its main and side logits on dim 1: (B, levels, C, H, W).
         outputs = list(output.unbind(1)) if output.dim() == images.dim() + 1 else output
@@ -450,7 +460,7 @@ def peak_memory(
     inference = tracker(infer)
     network.train()
     images = torch.randn(train_batch, in_channels, side, side, device=device)
-    training = tracker(_training_step(network, images, out_channels, amp=False))
+    training = tracker(_training_step(network, images, out_channels))
     return inference, training
 
 
@@ -535,7 +545,9 @@ def benchmark_network(
         return torch.randn(batch, in_channels, side, side, device=device)
 
     for side in settings.sides:
-        result.latency[side] = measurer.time(_inference(network, images(1, side)), result, f"latency {side}")
+        result.latency[side] = measurer.time(
+            _inference(network, images(1, side), settings.autocast), result, f"latency {side}"
+        )
     for side in settings.sides:
         what = f"throughput {side}"
         if device.type == "cpu" and side > settings.cpu_throughput_max_side:
@@ -543,7 +555,7 @@ def benchmark_network(
             result.skipped[what] = "skipped on the CPU, see Method"
             continue
         result.throughput[side] = measurer.time(
-            _inference(network, images(settings.throughput_batch, side)), result, what
+            _inference(network, images(settings.throughput_batch, side), settings.autocast), result, what
         )
     if device.type == "cuda":
         # before any training step, so that no gradients or optimizer state are counted as weights
@@ -553,10 +565,10 @@ def benchmark_network(
             torch.cuda.empty_cache()
             result.skipped["memory"] = "out of GPU memory"
     network.train()
-    step = _training_step(network, images(settings.train_batch, first), out_channels, amp=False)
+    step = _training_step(network, images(settings.train_batch, first), out_channels, settings.autocast)
     result.train_step = measurer.time(step, result, f"training step {first}")
     if device.type == "cuda" and name in GPU_TRAINING_NETWORKS:
-        step = _training_step(network, images(settings.gpu_train_batch, first), out_channels, amp=True)
+        step = _training_step(network, images(settings.gpu_train_batch, first), out_channels, torch.float16)
         result.gpu_train_step = measurer.time(step, result, f"AMP training step {first}")
     return result
 
@@ -828,6 +840,7 @@ def render_markdown(report: Report) -> str:
         f"- Machine: {report.machine}",
         f"- Date: {report.date}",
         f"- Command: `{report.command}`",
+        f"- Precision: {_precision(settings)}",
     ]
     if report.quick:
         lines.append(
@@ -951,7 +964,12 @@ def render_markdown(report: Report) -> str:
             f"## GPU: {report.gpu_name}",
             "",
             f"Training throughput at {first}x{first}, batch {settings.gpu_train_batch}, mixed precision (float16 "
-            f"autocast and gradient scaling), and inference latency at batch 1 in float32.",
+            "autocast and gradient scaling), and inference latency at batch 1 in "
+            + (
+                "float32."
+                if settings.autocast is None
+                else f"{str(settings.autocast).removeprefix('torch.')} autocast."
+            ),
             "",
         ]
         rows = []
@@ -998,8 +1016,21 @@ def render_markdown(report: Report) -> str:
     ]
 
     lines += ["", "## Method", ""] + [f"- {note}" for note in _method_notes(report)]
-    lines += ["", f"![Inference latency against image side]({output_names(report.device)[1]})", ""]
+    lines += [
+        "",
+        f"![Inference latency against image side]({output_names(report.device, report.settings.autocast)[1]})",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def _precision(settings: BenchmarkSettings) -> str:
+    if settings.autocast is None:
+        return "float32"
+    return (
+        f"the networks' latency, throughput and training step in {str(settings.autocast).removeprefix('torch.')} "
+        "autocast (torch.autocast); peak memory, the selective scan and the backend check in float32"
+    )
 
 
 def _method_notes(report: Report) -> list[str]:
@@ -1048,10 +1079,8 @@ def _method_notes(report: Report) -> list[str]:
             f"Throughput at batch {settings.throughput_batch} is not measured on the CPU above "
             f"{settings.cpu_throughput_max_side} px (minutes per run and several GB for the Mamba networks)."
         )
-    notes.append(
-        f"Figure: {output_names(report.device)[1]}, batch-1 latency against image side, log-log, made by the command "
-        "above."
-    )
+    plot = output_names(report.device, settings.autocast)[1]
+    notes.append(f"Figure: {plot}, batch-1 latency against image side, log-log, made by the command above.")
     return notes
 
 
@@ -1146,9 +1175,18 @@ def describe_machine(device: torch.device) -> str:
     return ", ".join(parts)
 
 
-def _command(quick: bool, output_dir: str | None, device: str, repeats: int | None, threads: int | None) -> str:
+def _command(
+    quick: bool, output_dir: str | None, device: str, repeats: int | None, threads: int | None, autocast: str | None
+) -> str:
     words = ["python", "-m", "scripts.benchmark"] + (["--quick"] if quick else [])
-    for option, value in (("output_dir", output_dir), ("device", device), ("repeats", repeats), ("threads", threads)):
+    options = (
+        ("output_dir", output_dir),
+        ("device", device),
+        ("repeats", repeats),
+        ("threads", threads),
+        ("autocast", autocast),
+    )
+    for option, value in options:
         if value is not None and not (option == "device" and value == "cpu"):
             words += [f"--{option}", str(value)]
     return shlex.join(words)
@@ -1160,6 +1198,7 @@ def main(
     device: str = "cpu",
     repeats: int | None = None,
     threads: int | None = None,
+    autocast: str | None = None,
 ) -> str:
     """
     Run the benchmark and write ``benchmark.md`` and ``benchmark_latency.png`` (``benchmark_gpu.md`` and
@@ -1171,6 +1210,8 @@ def main(
         device: ``"cpu"`` or ``"cuda"`` (adds mixed-precision training throughput on the GPU).
         repeats: timed runs per measurement after the warm-up (5 by default, 1 with ``quick``).
         threads: torch CPU threads (torch's default otherwise).
+        autocast: ``"bfloat16"`` or ``"float16"``: the networks' latency, throughput and training step run in that
+            ``torch.autocast`` (float32 otherwise); the page gets a ``_bf16`` or ``_fp16`` suffix.
 
     Returns:
         the target lines and the paths written.
@@ -1182,11 +1223,15 @@ def main(
     for option, value in (("repeats", repeats), ("threads", threads)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"--{option} must be a positive integer, got {value!r}.")
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"--autocast must be one of {list(AUTOCAST_DTYPES)}, got {autocast!r}.")
     _figure_class()  # fail before the measurements, not after them, when matplotlib is missing
-    command = _command(quick, output_dir, device, repeats, threads)
+    command = _command(quick, output_dir, device, repeats, threads, autocast)
     settings = QUICK if quick else FULL
     if repeats is not None:
         settings = replace(settings, repeats=repeats)
+    if autocast is not None:
+        settings = replace(settings, autocast=AUTOCAST_DTYPES[autocast][0])
     if threads is not None:
         torch.set_num_threads(threads)
     torch_device = torch.device(device)
@@ -1226,7 +1271,7 @@ def main(
         backend_agreement=check_scan_backends(settings, torch_device),
         gpu_name=torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else None,
     )
-    markdown_path, plot_path = (out / name for name in output_names(torch_device))
+    markdown_path, plot_path = (out / name for name in output_names(torch_device, settings.autocast))
     markdown_path.write_text(render_markdown(report))
     plot_latency(report, plot_path)
     targets = [f"{'n/a' if p is None else 'PASS' if p else 'FAIL'}: {s}" for p, s in evaluate_targets(report)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,7 @@ def test_quick_run_states_machine_command_and_targets(quick_run: tuple[Path, str
     machine = next(line for line in markdown.splitlines() if line.startswith("- Machine: "))
     assert "logical cores" in machine and "1 torch threads" in machine and f"torch {torch.__version__}" in machine
     assert f"- Command: `python -m scripts.benchmark --quick --output_dir {output_dir} --threads 1`" in markdown
+    assert "- Precision: float32\n" in markdown
     targets = re.findall(r"^- (PASS|FAIL): (.*)$", markdown, flags=re.MULTILINE)
     assert len(targets) == 5
     assert "speed-up over the sequential reference at L=64" in targets[0][1]
@@ -330,11 +332,53 @@ def test_gpu_section_is_rendered_with_the_gpu_model() -> None:
     assert "- cpu_kernel not checked: the C++ kernel did not build\n" in cpu_markdown
 
 
+def test_output_names_keep_gpu_and_reduced_precision_runs_beside_the_cpu_page() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert benchmark.output_names(cpu) == ("benchmark.md", "benchmark_latency.png")
+    assert benchmark.output_names(cpu, torch.bfloat16) == ("benchmark_bf16.md", "benchmark_bf16_latency.png")
+    assert benchmark.output_names(cuda) == ("benchmark_gpu.md", "benchmark_gpu_latency.png")
+    assert benchmark.output_names(cuda, torch.float16)[0] == "benchmark_gpu_fp16.md"
+
+
+class _DtypeRecorder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1)
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        self.dtypes.append(y.dtype)
+        return y
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16])
+def test_timed_passes_run_in_the_requested_autocast(autocast: torch.dtype | None) -> None:
+    network = _DtypeRecorder()
+    images = torch.randn(2, 1, 8, 8)
+    benchmark._inference(network, images, autocast)()
+    before = network.conv.weight.detach().clone()
+    benchmark._training_step(network, images, out_channels=1, autocast=autocast)()
+    assert network.dtypes == [autocast or torch.float32] * 2
+    assert not torch.equal(network.conv.weight, before), "the step updated the weights"
+    assert network.conv.weight.dtype == torch.float32
+
+
+def test_reduced_precision_page_says_so() -> None:
+    report = synthetic_report(None)
+    report.settings = replace(report.settings, autocast=torch.bfloat16)
+    markdown = benchmark.render_markdown(report)
+    assert "- Precision: the networks' latency, throughput and training step in bfloat16 autocast" in markdown
+    assert "](benchmark_bf16_latency.png)" in markdown
+
+
 def test_main_rejects_bad_arguments_before_measuring() -> None:
     with pytest.raises(ValueError, match="--device must be 'cpu' or 'cuda', got 'tpu'"):
         benchmark.main(device="tpu")
     with pytest.raises(ValueError, match="--repeats must be a positive integer, got 0"):
         benchmark.main(repeats=0)
+    with pytest.raises(ValueError, match="--autocast must be one of \\['bfloat16', 'float16'\\], got 'int8'"):
+        benchmark.main(autocast="int8")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch.cuda.is_available"):
             benchmark.main(device="cuda")

@@ -72,6 +72,7 @@ def test_cache_key_depends_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 KERNEL_AGAINST_PYTORCH = """
 import torch
+torch.set_num_threads(2)  # the work is split between threads, whichever way they are run
 from scripts.networks.selective_scan import selective_scan
 from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel
 assert load_cpu_scan_kernel()[0] is not None
@@ -114,6 +115,35 @@ def test_eight_lane_build_on_an_avx512_cpu(tmp_path: Path) -> None:
     )
     assert result.returncode == 0 and "AGREE" in result.stdout, result.stderr
     assert len(list(tmp_path.rglob("*.so"))) == 1
+
+
+def test_kernel_runs_on_torch_openmp_pool_and_on_its_own_threads_without_openmp(tmp_path: Path) -> None:
+    """Where torch uses OpenMP (Linux) the kernel is built with it and runs on torch's pool through at::parallel_for;
+    built without it (-fno-openmp, as with a compiler that lacks OpenMP) it starts threads of its own. Both agree."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available():
+        pytest.skip("no C++ compiler or no ninja on this machine")
+    if not selective_scan_cpu.openmp_flags():
+        pytest.skip("torch does not use OpenMP here: the kernel is built without it anyway")
+    default = selective_scan_cpu.cpu_scan_kernel_library_path()
+    if selective_scan_cpu.load_cpu_scan_kernel()[0] is None or not default.is_file():
+        pytest.skip("the default kernel cannot be built here")
+    assert b"GOMP_parallel" in default.read_bytes(), "the default build runs on torch's OpenMP pool"
+    environment = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": str(tmp_path),
+        selective_scan_cpu.EXTRA_FLAGS_VARIABLE: "-fno-openmp",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", KERNEL_AGAINST_PYTORCH],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "AGREE" in result.stdout, result.stderr
+    (library,) = tmp_path.rglob("*.so")
+    assert b"GOMP_parallel" not in library.read_bytes(), "built without OpenMP, the kernel uses std::thread"
 
 
 def test_extra_flags_change_the_cache_key(monkeypatch: pytest.MonkeyPatch) -> None:

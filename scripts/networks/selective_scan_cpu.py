@@ -22,6 +22,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
@@ -30,7 +31,7 @@ import torch
 
 from scripts.atomic_file import atomic_write
 
-__all__ = ["load_cpu_scan_kernel", "cpu_scan_kernel_library_path"]
+__all__ = ["load_cpu_scan_kernel", "cpu_scan_kernel_library_path", "compile_flags", "openmp_flags"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,19 @@ def _cpu_description() -> str:
     return "\n".join(description)
 
 
+def openmp_flags() -> List[str]:
+    """
+    ``["-fopenmp"]`` where torch runs its intra-op threads on OpenMP (Linux), else none. The kernel then schedules its
+    work on torch's own OpenMP pool through ``at::parallel_for`` (the library links ``libgomp.so.1``, which resolves to
+    the copy torch has already loaded): threads of its own competed with that pool's spinning workers.
+    """
+    openmp_torch = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    return ["-fopenmp"] if openmp_torch and sys.platform.startswith("linux") else []
+
+
 def compile_flags() -> List[str]:
-    """:data:`COMPILE_FLAGS` and the flags in ``$VMAML_UNET_SCAN_CFLAGS``."""
-    return list(COMPILE_FLAGS) + shlex.split(os.environ.get(EXTRA_FLAGS_VARIABLE, ""))
+    """:data:`COMPILE_FLAGS`, :func:`openmp_flags` and the flags in ``$VMAML_UNET_SCAN_CFLAGS``."""
+    return list(COMPILE_FLAGS) + openmp_flags() + shlex.split(os.environ.get(EXTRA_FLAGS_VARIABLE, ""))
 
 
 def cpu_scan_kernel_library_path() -> Path:
@@ -87,6 +98,7 @@ def _build(library: Path) -> None:
             name=LIBRARY_NAME,
             sources=[str(SOURCE)],
             extra_cflags=compile_flags(),
+            extra_ldflags=openmp_flags(),
             build_directory=build_dir,
             is_python_module=False,
         )

@@ -106,6 +106,8 @@ MONAI_NETWORKS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 NETWORKS = ("VMAML-UNet", "VM-UNet", *MONAI_NETWORKS)
 BASELINE = "SwinUNETR"
 GPU_TRAINING_NETWORKS = ("VMAML-UNet", "VM-UNet", BASELINE)
+# the network whose TorchScript form (models/model.ts) is timed too
+TORCHSCRIPT_NETWORK = "VMAML-UNet"
 
 # The recurrence's multiply(-add)s per (batch, channel, step, state) that FlopCounterMode cannot see because they are
 # elementwise: dt * A, (dt * u) * B and the state update decay * h + input. The output contraction with C is a
@@ -225,6 +227,7 @@ class NetworkResult:
     train_step: Timing | None = None
     memory: tuple[int, int] | None = None
     gpu_train_step: Timing | None = None
+    torchscript_latency: Timing | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
 
@@ -547,6 +550,12 @@ def benchmark_network(
     for side in settings.sides:
         result.latency[side] = measurer.time(
             _inference(network, images(1, side), settings.autocast), result, f"latency {side}"
+        )
+    if name == TORCHSCRIPT_NETWORK:
+        # what models/model.ts and the MONAI Deploy app run: TorchScript reaches neither kernel, only the PyTorch scan
+        scripted = torch.jit.script(network)
+        result.torchscript_latency = measurer.time(
+            _inference(scripted, images(1, first), settings.autocast), result, f"TorchScript latency {first}"
         )
     for side in settings.sides:
         what = f"throughput {side}"
@@ -872,6 +881,17 @@ def render_markdown(report: Report) -> str:
         )
     lines += _table(header, rows)
 
+    scripted = report.network(TORCHSCRIPT_NETWORK)
+    eager = scripted.latency.get(first)
+    if scripted.torchscript_latency is not None and eager is not None:
+        seconds = scripted.torchscript_latency.seconds
+        lines += [
+            "",
+            f"{TORCHSCRIPT_NETWORK} scripted with torch.jit.script, as models/model.ts and the MONAI Deploy app run "
+            f"it (TorchScript reaches neither scan kernel, only the PyTorch scan): {_ms(seconds)} ms at "
+            f"{first}x{first}, {seconds / eager.seconds:.2f}x the eager network's time.",
+        ]
+
     lines += ["", f"## Inference throughput, batch {settings.throughput_batch} (images/s, ratio to {BASELINE})", ""]
     rows = []
     for result in report.networks:
@@ -1098,6 +1118,7 @@ def _short_measurements(report: Report) -> str:
         timings = {f"latency {s}": t for s, t in result.latency.items()}
         timings |= {f"throughput {s}": t for s, t in result.throughput.items()}
         timings["training step"] = result.train_step
+        timings["TorchScript latency"] = result.torchscript_latency
         short += [f"{result.name} {what} {_runs(t)}" for what, t in timings.items() if _short(t, report)]
     for scan in report.scans:
         timings = {

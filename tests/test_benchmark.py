@@ -121,6 +121,15 @@ def test_quick_run_writes_a_png(quick_run: tuple[Path, str, str]) -> None:
     assert f"]({PLOT_NAME})" in markdown
 
 
+def test_quick_run_times_the_torchscript_network(quick_run: tuple[Path, str, str]) -> None:
+    _, markdown, _ = quick_run
+    match = re.search(
+        r"^VMAML-UNet scripted with torch.jit.script, .*: ([\d.,]+) ms at 64x64, ([\d.]+)x the eager", markdown, re.M
+    )
+    assert match is not None
+    assert float(match.group(1).replace(",", "")) > 0 and float(match.group(2)) > 0
+
+
 def test_quick_run_checks_the_cpu_kernel_against_the_pytorch_scan_on_the_network(
     quick_run: tuple[Path, str, str],
 ) -> None:

@@ -50,6 +50,31 @@ def test_bases_match_scalar_recursion():
     torch.testing.assert_close(bases[:, 0], expected)
 
 
+@pytest.mark.parametrize(
+    "grid_size, spline_order, grid_range", [(5, 0, (-1.0, 1.0)), (4, 1, (0.0, 2.0)), (6, 2, (-3.0, 1.0))]
+)
+def test_bases_of_every_order_match_scalar_recursion_at_and_between_knots(grid_size, spline_order, grid_range):
+    grid = make_uniform_grid(grid_size, spline_order, grid_range)
+    knots = grid.tolist()
+    # every knot, the midpoints between them, and points beyond both ends of the extended grid
+    points = sorted(knots + [(a + b) / 2 for a, b in zip(knots, knots[1:])] + [knots[0] - 0.3, knots[-1] + 0.3])
+    bases = b_spline_bases(torch.tensor(points, dtype=torch.float64), grid, spline_order)
+    num_bases = grid_size + spline_order
+    expected = torch.tensor([[_cox_de_boor(v, knots, i, spline_order) for i in range(num_bases)] for v in points])
+    torch.testing.assert_close(bases, expected.double())
+
+
+def test_bases_gradient():
+    grid = make_uniform_grid(5, 3)
+    x = (torch.rand(40, dtype=torch.float64) * 4.0 - 2.0).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: b_spline_bases(t, grid, 3), (x,))
+
+
+def test_bases_refuse_unequal_knots():
+    with pytest.raises(ValueError, match="equally spaced knots"):
+        b_spline_bases(torch.zeros(3), torch.tensor([0.0, 1.0, 3.0, 4.0, 5.0]), 1)
+
+
 def _kan_edge(x: torch.Tensor, grid: torch.Tensor, base: torch.Tensor, spline: torch.Tensor, scaler: torch.Tensor):
     # One KAN edge function phi(x) = base * SiLU(x) + scaler * sum_j spline[j] B_j(x), elementwise over x.
     return base * F.silu(x) + scaler * (b_spline_bases(x, grid, 3) * spline).sum(-1)

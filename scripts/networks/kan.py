@@ -29,30 +29,59 @@ def make_uniform_grid(grid_size: int, spline_order: int, grid_range: Sequence[fl
 
 
 def b_spline_bases(x: torch.Tensor, grid: torch.Tensor, spline_order: int, dim: int = -1) -> torch.Tensor:
-    """B-spline bases of order ``spline_order`` on the knot vector ``grid`` (Cox-de Boor recursion).
+    """B-spline bases of order ``spline_order`` on the uniform knot vector ``grid``.
+
+    At a point in knot interval ``i`` only the ``spline_order + 1`` bases ``i - spline_order .. i`` are nonzero. They
+    are computed by the Cox-de Boor recursion written for unit knot spacing in the point's position ``f`` within its
+    interval, on ``spline_order + 1`` tensors of ``x``'s size, and then placed on the bases axis with one
+    ``scatter_add``. The full recursion over all bases builds each of its levels at the bases axis's size: for the
+    finest KAN side head this was 2.8x slower, forward and backward.
 
     Args:
         x: any shape (...).
-        grid: knots (K,) in increasing order, e.g. from :func:`make_uniform_grid`.
+        grid: equally spaced knots (K,) in increasing order, from :func:`make_uniform_grid`.
         spline_order: polynomial degree of the bases (3 = cubic).
-        dim: where the bases axis is inserted, as for ``torch.unsqueeze``. The last axis suits a linear layer; an
-            axis before large spatial ones (as :class:`KANConv2d` uses) keeps every step of the recursion a
-            broadcast over long contiguous rows, about 2.5x faster on CPU for feature maps.
+        dim: where the bases axis is inserted, as for ``torch.unsqueeze``: last for a linear layer, before the
+            spatial axes for :class:`KANConv2d` (its convolution reads the bases as channels).
 
     Returns:
         ``x``'s shape with an axis of K - 1 - spline_order bases inserted at ``dim``. On
-        [grid[spline_order], grid[-1 - spline_order]] the bases sum to one.
+        [grid[spline_order], grid[-1 - spline_order]] the bases sum to one; beyond the extended grid all are zero.
+
+    Raises:
+        ValueError: (eager mode) for a knot vector that is not equally spaced.
     """
-    x = x.unsqueeze(dim)
-    axis = dim % x.dim()
-    grid = grid.to(x.dtype).view([-1] + [1] * (x.dim() - 1 - axis))
-    bases = ((x >= grid[:-1]) & (x < grid[1:])).to(x.dtype)
+    if not torch.jit.is_scripting():
+        _check_uniform(grid)
+    num_bases = grid.shape[0] - 1 - spline_order
+    axis = dim % (x.dim() + 1)
+    grid = grid.to(x.dtype)
+    position = (x - grid[0]) / (grid[1] - grid[0])
+    interval = torch.floor(position)
+    f = position - interval
+    # weights[m] is basis interval - k + m of order k, m = 0..k (unit knot spacing)
+    weights = [torch.ones_like(f)]
     for k in range(1, spline_order + 1):
-        left = (x - grid[: -(k + 1)]) / (grid[k:-1] - grid[: -(k + 1)])
-        right = (grid[k + 1 :] - x) / (grid[k + 1 :] - grid[1:-k])
-        count = bases.shape[axis] - 1
-        bases = left * bases.narrow(axis, 0, count) + right * bases.narrow(axis, 1, count)
-    return bases
+        raised = [((1 - f) / k) * weights[0]]
+        for m in range(1, k):
+            raised.append(((f + (k - m)) / k) * weights[m - 1] + ((m + 1 - f) / k) * weights[m])
+        raised.append((f / k) * weights[k - 1])
+        weights = raised
+    offsets = torch.arange(-spline_order, 1, device=x.device).view([-1] + [1] * (x.dim() - axis))
+    index = interval.to(torch.int64).unsqueeze(axis) + offsets
+    # Bases past either end of the grid do not exist: their weights are dropped (outside the extended grid, all).
+    exists = (index >= 0) & (index < num_bases)
+    values = torch.where(exists, torch.stack(weights, dim=axis), 0.0)
+    shape = list(x.shape)
+    shape.insert(axis, num_bases)
+    return x.new_zeros(shape).scatter_add(axis, index.clamp(0, num_bases - 1), values)
+
+
+@torch.jit.unused
+def _check_uniform(grid: torch.Tensor) -> None:
+    steps = grid.diff()
+    if grid.dim() != 1 or grid.shape[0] < 2 or not torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-6):
+        raise ValueError(f"b_spline_bases needs equally spaced knots (make_uniform_grid), got {grid.tolist()}.")
 
 
 def _reset_kan_parameters(

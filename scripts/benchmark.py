@@ -42,7 +42,9 @@ from monai.networks.nets import BasicUNet, SegResNet, SwinUNETR, UNet
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from scripts.backend_agreement import BackendAgreement, compare_scan_backends, relative_error
+from scripts.backend_agreement import BackendAgreement
+from scripts.backend_agreement import main as compare_backends_on_network
+from scripts.backend_agreement import relative_error
 from scripts.networks.selective_scan import mamba_ssm_unavailable_reason, selective_scan
 from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel
 from scripts.networks.selective_scan_reference import selective_scan_reference
@@ -705,7 +707,7 @@ def check_scan_backends(
 ) -> BackendAgreement | str:
     """
     The kernel scan backend of ``device`` (``cpu_kernel`` or ``mamba_ssm``) against the PyTorch scan on VMAML-UNet
-    (:func:`~scripts.backend_agreement.compare_scan_backends`), at batch ``train_batch`` of the first side; or why
+    (:func:`scripts.backend_agreement.main`), at batch ``train_batch`` of the first side; or why
     the kernel cannot be checked here.
     """
     if device.type == "cuda":
@@ -715,12 +717,9 @@ def check_scan_backends(
         reason = None if load_cpu_scan_kernel()[0] is not None else "the C++ kernel did not build"
     if reason is not None:
         return f"{backend} not checked: {reason}"
-    torch.manual_seed(0)
-    network = build_network("VMAML-UNet", config_file)
-    in_channels, _ = network_channels(config_file)
-    side = settings.sides[0]
-    images = torch.randn(settings.train_batch, in_channels, side, side, device=device)
-    agreement = compare_scan_backends(network, images, backend)
+    agreement = compare_backends_on_network(
+        backend, "torch", device.type, settings.sides[0], settings.train_batch, config_file
+    )
     logger.info(agreement.summary())
     return agreement
 

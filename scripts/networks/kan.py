@@ -49,10 +49,21 @@ def b_spline_bases(x: torch.Tensor, grid: torch.Tensor, spline_order: int, dim: 
         [grid[spline_order], grid[-1 - spline_order]] the bases sum to one; beyond the extended grid all are zero.
 
     Raises:
-        ValueError: (eager mode) for a knot vector that is not equally spaced.
+        ValueError: for a knot vector that is not equally spaced.
     """
-    if not torch.jit.is_scripting():
-        _check_uniform(grid)
+    equally_spaced = (
+        grid.dim() == 1
+        and grid.shape[0] >= 2
+        and torch.allclose(grid.diff(), (grid[1] - grid[0]).expand(grid.shape[0] - 1), rtol=1e-6)
+    )
+    if not equally_spaced:
+        raise ValueError(f"b_spline_bases needs equally spaced knots (make_uniform_grid), got {grid.tolist()}.")
+    return _uniform_b_spline_bases(x, grid, spline_order, dim)
+
+
+def _uniform_b_spline_bases(x: torch.Tensor, grid: torch.Tensor, spline_order: int, dim: int) -> torch.Tensor:
+    # b_spline_bases without its knot check, for the layers, whose knots come from make_uniform_grid: the check reads
+    # the knots back to the host, a device synchronisation at every forward on a GPU.
     num_bases = grid.shape[0] - 1 - spline_order
     axis = dim % (x.dim() + 1)
     grid = grid.to(x.dtype)
@@ -75,13 +86,6 @@ def b_spline_bases(x: torch.Tensor, grid: torch.Tensor, spline_order: int, dim: 
     shape = list(x.shape)
     shape.insert(axis, num_bases)
     return x.new_zeros(shape).scatter_add(axis, index.clamp(0, num_bases - 1), values)
-
-
-@torch.jit.unused
-def _check_uniform(grid: torch.Tensor) -> None:
-    steps = grid.diff()
-    if grid.dim() != 1 or grid.shape[0] < 2 or not torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-6):
-        raise ValueError(f"b_spline_bases needs equally spaced knots (make_uniform_grid), got {grid.tolist()}.")
 
 
 def _reset_kan_parameters(
@@ -152,7 +156,7 @@ class KANLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bases = b_spline_bases(x, self.grid, self.spline_order).flatten(-2)
+        bases = _uniform_b_spline_bases(x, self.grid, self.spline_order, -1).flatten(-2)
         spline_weight = (self.spline_weight * self.spline_scaler.unsqueeze(-1)).flatten(1)
         return F.linear(F.silu(x), self.base_weight) + F.linear(bases, spline_weight)
 
@@ -226,7 +230,7 @@ class KANConv2d(nn.Module):
         p = self.padding
         x = F.pad(x, [p, p, p, p])
         # (B, C, G + S, H, W) -> (B, C * (G + S), H, W), channel-major to match the spline weight layout.
-        bases = b_spline_bases(x, self.grid, self.spline_order, dim=2).flatten(1, 2)
+        bases = _uniform_b_spline_bases(x, self.grid, self.spline_order, 2).flatten(1, 2)
         spline_weight = (self.spline_weight * self.spline_scaler.unsqueeze(2)).flatten(1, 2)
         base = F.conv2d(F.silu(x), self.base_weight, stride=self.stride)
         return base + F.conv2d(bases, spline_weight, stride=self.stride)

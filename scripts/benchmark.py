@@ -983,12 +983,7 @@ def render_markdown(report: Report) -> str:
             f"## GPU: {report.gpu_name}",
             "",
             f"Training throughput at {first}x{first}, batch {settings.gpu_train_batch}, mixed precision (float16 "
-            "autocast and gradient scaling), and inference latency at batch 1 in "
-            + (
-                "float32."
-                if settings.autocast is None
-                else f"{str(settings.autocast).removeprefix('torch.')} autocast."
-            ),
+            f"autocast and gradient scaling), and inference latency at batch 1 in {_precision_name(settings)}.",
             "",
         ]
         rows = []
@@ -1043,12 +1038,17 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _precision_name(settings: BenchmarkSettings) -> str:
+    """ "float32", or e.g. "bfloat16 autocast"."""
+    return "float32" if settings.autocast is None else f"{str(settings.autocast).removeprefix('torch.')} autocast"
+
+
 def _precision(settings: BenchmarkSettings) -> str:
     if settings.autocast is None:
         return "float32"
     return (
-        f"the networks' latency, throughput and training step in {str(settings.autocast).removeprefix('torch.')} "
-        "autocast (torch.autocast); peak memory, the selective scan and the backend check in float32"
+        f"the networks' latency, throughput and training step in {_precision_name(settings)} (torch.autocast); "
+        "peak memory, the selective scan and the backend check in float32"
     )
 
 

@@ -12,6 +12,7 @@ from scripts.networks.blocks import PatchExpanding, PatchMerging
 from scripts.networks.selective_scan import selective_scan
 from scripts.networks.ss2d import SS2D, cross_merge, cross_scan, with_scan_backend
 from scripts.networks.vmaml_unet import VMAMLUNet
+from scripts.networks.wavelet_conv import WTConv2d
 
 TINY = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1), d_state=4)
 
@@ -26,11 +27,19 @@ def test_vm_unet_parameter_count():
     assert count_parameters(net) == 27_427_561
 
 
-def test_vmaml_additions_add_parameters():
-    base = VMAMLUNet(wavelet_fusion="none", use_wcaa=False, kan_side_heads=False, **TINY)
-    for switches in ({"wavelet_fusion": "parallel"}, {"use_wcaa": True}, {"kan_side_heads": True}):
-        options = {"wavelet_fusion": "none", "use_wcaa": False, "kan_side_heads": False, **switches}
-        assert count_parameters(VMAMLUNet(**options, **TINY)) > count_parameters(base), switches
+@pytest.mark.parametrize(
+    "switches,added",
+    [({"wavelet_fusion": "replace"}, 756_288), ({"use_wcaa": True}, 1_907_046), ({"kan_side_heads": True}, 60_480)],
+)
+def test_each_vmaml_addition_adds_the_documented_parameters(switches, added):
+    """The model card's parameter budget of each addition, at the default sizes with in_channels=3, out_channels=1."""
+    options = {"wavelet_fusion": "none", "use_wcaa": False, "kan_side_heads": False}
+    base = count_parameters(VMAMLUNet(**options))
+    assert count_parameters(VMAMLUNet(**{**options, **switches})) - base == added
+
+
+def test_full_default_parameter_count():
+    assert count_parameters(VMAMLUNet()) == 30_151_375
 
 
 @pytest.mark.parametrize("size", [(32, 32), (45, 70), (64, 33), (17, 100)])
@@ -50,6 +59,20 @@ def test_training_output_stacks_main_and_side_logits():
     net.eval()
     with torch.no_grad():
         assert net(torch.randn(2, 3, 40, 56)).shape == (2, 2, 40, 56)
+
+
+def test_side_logits_run_from_the_finest_to_the_coarsest_decoder_stage():
+    net = VMAMLUNet(**TINY)
+    randomise_parameters(net, seed=1)
+    decoder_outputs = []
+    hooks = [stage.register_forward_hook(lambda m, i, o: decoder_outputs.append(o)) for stage in net.decoder]
+    out = net.train()(torch.randn(1, 3, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    for level, head in enumerate(net.side_heads):
+        features = decoder_outputs[len(decoder_outputs) - 1 - level].permute(0, 3, 1, 2)
+        expected = F.interpolate(head(features), size=(64, 64), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out[:, 1 + level], expected)
 
 
 def test_training_without_side_heads_returns_plain_logits():
@@ -137,6 +160,47 @@ def test_torchscript_matches_eager():
     x = torch.randn(1, 3, 40, 52)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_training_forward_records_the_skip_statistics_of_each_side_level():
+    """Side level k's statistics are the mean and std of encoder skip k (the input of encoder stage k + 2)."""
+    net = VMAMLUNet(**TINY)
+    randomise_parameters(net, seed=0)
+    assert net.last_encoder_statistics() is None
+    skips = []
+    hooks = [stage.register_forward_hook(lambda m, i, o: skips.append(o.detach())) for stage in net.encoder[:-1]]
+    net.train()(torch.randn(2, 3, 40, 56))
+    for hook in hooks:
+        hook.remove()
+    expected = torch.stack([torch.stack([s.flatten(1).mean(1), s.flatten(1).std(1)], dim=-1) for s in skips], dim=1)
+    statistics = net.last_encoder_statistics()
+    assert statistics.shape == (2, 3, 2) and not statistics.requires_grad
+    torch.testing.assert_close(statistics, expected)
+    # Eval-mode forwards (validation, inference) leave the training batch's statistics alone.
+    with torch.no_grad():
+        net.eval()(torch.randn(1, 3, 32, 32))
+    torch.testing.assert_close(net.last_encoder_statistics(), expected)
+    scripted = torch.jit.script(net)
+    with torch.no_grad():
+        x = torch.randn(1, 3, 32, 32)
+        torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_training_without_side_heads_records_no_statistics():
+    net = VMAMLUNet(kan_side_heads=False, **TINY).train()
+    net(torch.randn(1, 3, 32, 32))
+    assert net.last_encoder_statistics() is None
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_wavelet_kernel_size_reaches_every_wavelet_convolution(kernel_size):
+    net = VMAMLUNet(wavelet_kernel_size=kernel_size, **TINY)
+    wavelet_convs = [m for m in net.modules() if isinstance(m, WTConv2d)]
+    assert len(wavelet_convs) == 8 + 3  # one per WCVM block (4 encoder, 4 decoder) and one per WCAA skip level
+    kernels = {c.weight.shape[-1] for m in wavelet_convs for c in m.modules() if isinstance(c, torch.nn.Conv2d)}
+    assert kernels == {kernel_size}
+    with torch.no_grad():
+        assert net.eval()(torch.randn(1, 3, 40, 40)).shape == (1, 1, 40, 40)
 
 
 def test_patch_merging_and_expanding_shapes():

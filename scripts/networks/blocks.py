@@ -23,6 +23,7 @@ class WCVMBlock(nn.Module):
         drop_path: stochastic depth probability of the residual branch.
         wavelet_fusion: ``"replace"``, ``"parallel"`` or ``"none"``, see :class:`SS2D`.
         wavelet_levels: wavelet decomposition levels inside SS2D.
+        wavelet_kernel_size: kernel size of the wavelet convolution's convolutions inside SS2D.
         scan_backend: selective-scan backend, see :class:`SS2D`.
 
     Shapes:
@@ -36,6 +37,7 @@ class WCVMBlock(nn.Module):
         drop_path: float = 0.0,
         wavelet_fusion: str = "replace",
         wavelet_levels: int = 1,
+        wavelet_kernel_size: int = 3,
         scan_backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -45,6 +47,7 @@ class WCVMBlock(nn.Module):
             d_state=d_state,
             wavelet_fusion=wavelet_fusion,
             wavelet_levels=wavelet_levels,
+            wavelet_kernel_size=wavelet_kernel_size,
             scan_backend=scan_backend,
         )
         self.drop_path = DropPath(drop_path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,7 @@ class VMAMLUNet(nn.Module):
         drop_path_rate: stochastic depth, rising linearly over the encoder blocks and falling over the decoder ones.
         wavelet_fusion: ``"replace"``, ``"parallel"`` or ``"none"``: how the wavelet convolution enters SS2D.
         wavelet_levels: wavelet decomposition levels per stage, shallowest first (also used by WCAA on the skips).
+        wavelet_kernel_size: kernel size ``k`` of every wavelet convolution's convolutions (SS2D's and WCAA's).
         use_wcaa: aggregate the skips with WCAA; ``False`` adds them as VM-UNet does.
         kan_side_heads: add KAN convolution deep-supervision heads (training mode only).
         scan_backend: selective-scan backend: ``"auto"``, ``"cpu_kernel"``, ``"torch"`` or ``"mamba_ssm"``.
@@ -46,7 +47,14 @@ class VMAMLUNet(nn.Module):
         eval mode, or training without side heads: logits ``(B, out_channels, H, W)``.
         training with side heads: ``(B, len(dims), out_channels, H, W)``: the main logits, then the side logits from
         the finest to the coarsest level, upsampled bilinearly to ``H x W`` (MONAI DynUNet's convention).
+
+    Each training-mode forward with side heads also records pooled statistics of the encoder outputs that the side
+    levels' decoder stages take as skips, for the KAN-regulated loss: see :meth:`last_encoder_statistics`.
     """
+
+    # Set in eager training only (by _record_encoder_statistics); a scripted network has no use for it.
+    __jit_ignored_attributes__ = ["_encoder_statistics"]
+    _encoder_statistics: Optional[torch.Tensor]
 
     def __init__(
         self,
@@ -59,6 +67,7 @@ class VMAMLUNet(nn.Module):
         drop_path_rate: float = 0.2,
         wavelet_fusion: str = "replace",
         wavelet_levels: Sequence[int] = (3, 3, 2, 1),
+        wavelet_kernel_size: int = 3,
         use_wcaa: bool = True,
         kan_side_heads: bool = True,
         scan_backend: str = "auto",
@@ -87,7 +96,10 @@ class VMAMLUNet(nn.Module):
         decoder_rates = torch.linspace(0, drop_path_rate, sum(depths_decoder)).tolist()[::-1]
 
         def blocks(dim: int, depth: int, rates: List[float], levels: int) -> List[nn.Module]:
-            return [WCVMBlock(dim, d_state, rates[i], wavelet_fusion, levels, scan_backend) for i in range(depth)]
+            return [
+                WCVMBlock(dim, d_state, rates[i], wavelet_fusion, levels, wavelet_kernel_size, scan_backend)
+                for i in range(depth)
+            ]
 
         self.encoder = nn.ModuleList()
         for i in range(num_stages):
@@ -97,7 +109,7 @@ class VMAMLUNet(nn.Module):
             self.encoder.append(nn.Sequential(*stage))
 
         skip_dims = dims[1:]
-        self.wcaa = WCAA(skip_dims, wavelet_levels[1:]) if use_wcaa else None
+        self.wcaa = WCAA(skip_dims, wavelet_levels[1:], wavelet_kernel_size) if use_wcaa else None
 
         self.decoder = nn.ModuleList()
         for j in range(num_stages):
@@ -117,6 +129,7 @@ class VMAMLUNet(nn.Module):
             if kan_side_heads
             else None
         )
+        self._encoder_statistics = None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -128,6 +141,30 @@ class VMAMLUNet(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    def last_encoder_statistics(self) -> Optional[torch.Tensor]:
+        """
+        Pooled statistics of the encoder outputs matching the side levels, from the last training-mode forward.
+
+        Side level ``k`` (finest first) reads a decoder stage whose input had encoder skip ``k`` added to it (the
+        input of encoder stage ``k + 2``, counting from 1, before WCAA); its statistics are that skip's mean and
+        standard deviation over positions and channels, per image, detached and in float32. ``None`` until the
+        network has run in training mode with side heads.
+
+        Returns:
+            ``(B, len(dims) - 1, 2)``: ``[mean, std]`` per image and side level, or ``None``.
+        """
+        return self._encoder_statistics
+
+    @torch.jit.unused
+    def _record_encoder_statistics(self, skips: List[torch.Tensor]) -> None:
+        # Kept out of the output so that training mode still returns one tensor (MONAI's engines, DynUNet's
+        # convention); TorchScript never compiles this, as scripted models are exported for inference.
+        pooled = []
+        for skip in skips:
+            values = skip.detach().float().flatten(1)
+            pooled.append(torch.stack([values.mean(dim=1), values.std(dim=1)], dim=-1))
+        self._encoder_statistics = torch.stack(pooled, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2], x.shape[-1]
@@ -142,6 +179,8 @@ class VMAMLUNet(nn.Module):
             if i > 0:
                 skips.append(x)
             x = stage(x)
+        if self.training and self.side_heads is not None and not torch.jit.is_scripting():
+            self._record_encoder_statistics(skips)
         if self.wcaa is not None:
             skips = self.wcaa(skips)
 

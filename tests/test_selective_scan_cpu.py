@@ -63,6 +63,17 @@ def test_without_a_compiler_the_scan_falls_back_to_pytorch(tmp_path: Path) -> No
     assert not list(tmp_path.rglob("*.so"))
 
 
+def test_a_failed_build_names_the_compiler_error(tmp_path: Path) -> None:
+    """The warning quotes the compiler's error, not the last line of the ninja log ("build stopped")."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None or not is_ninja_available():
+        pytest.skip("no C++ compiler or no ninja on this machine")
+    result = run_loader(tmp_path, VMAML_UNET_SCAN_CFLAGS="-include no_such_header_for_the_test.h")
+    assert result.returncode == 0, result.stderr
+    warning = next(line for line in result.stdout.splitlines() if line.startswith("WARNING The CPU selective-scan"))
+    assert "no_such_header_for_the_test.h" in warning and "error" in warning.lower()
+    assert "UNAVAILABLE True" in result.stdout
+
+
 def test_cache_key_depends_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     here = selective_scan_cpu.cpu_scan_kernel_library_path()
     monkeypatch.setattr(selective_scan_cpu, "_cpu_description", lambda: "another CPU")

@@ -106,6 +106,16 @@ def _build(library: Path) -> None:
             shutil.copyfileobj(source, target)
 
 
+def _first_error_line(message: str) -> str:
+    """The line of a build log that says what failed: the first compiler or linker error, else the first line.
+
+    A failed build's message is the whole ninja log, whose last line only says that the build stopped.
+    """
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and not line.lower().startswith("error building")]
+    return errors[0] if errors else (lines[0] if lines else "")
+
+
 @functools.lru_cache(maxsize=None)
 def load_cpu_scan_kernel() -> Tuple[Optional[Any], Optional[BaseException]]:
     """
@@ -124,9 +134,10 @@ def load_cpu_scan_kernel() -> Tuple[Optional[Any], Optional[BaseException]]:
     except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as err:
         logger.warning(
             "The CPU selective-scan kernel cannot be built or loaded (%s: %s); the slower PyTorch scan is used. "
-            "It needs a C++ compiler and ninja (pip install ninja).",
+            "It needs a C++ compiler and ninja (pip install ninja). The full message is logged at DEBUG level.",
             type(err).__name__,
-            str(err).strip().splitlines()[-1] if str(err).strip() else "",
+            _first_error_line(str(err)),
         )
+        logger.debug("The CPU selective-scan kernel failed with:\n%s", err)
         return None, err
     return torch.ops.vmaml_unet, None

@@ -50,6 +50,7 @@ SHARED_KEYS = (
     "drop_path_rate",
     "wavelet_fusion",
     "wavelet_levels",
+    "wavelet_kernel_size",
     "use_wcaa",
     "kan_side_heads",
     "scan_backend",
@@ -120,6 +121,29 @@ def test_configs_agree():
     size_multiple = 4 * 2 ** (len(train["network_dims"]) - 1)
     assert image["spatial_shape"] == [f"{size_multiple}*n"] * len(train["image_size"])
     assert all(size % size_multiple == 0 for size in train["image_size"])
+
+
+@pytest.mark.parametrize("encoder_statistics", [True, False])
+def test_loss_switches_reach_the_loss(encoder_statistics):
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update(
+        {
+            "bundle_root": str(REPO),
+            **TINY,
+            "loss_lambda_dice": 0.25,
+            "loss_lambda_ce": 2.0,
+            "loss_encoder_statistics": encoder_statistics,
+        }
+    )
+    loss = parser.get_parsed_content("loss_def")
+    assert (loss.level_loss.lambda_dice, loss.level_loss.lambda_ce) == (0.25, 2.0)
+    assert loss.weighting.in_features == (5 if encoder_statistics else 3)
+    if encoder_statistics:
+        # The statistics come from the very network that the trainer runs.
+        assert loss.encoder_statistics.__self__ is parser.get_parsed_content("network_def")
+    else:
+        assert loss.encoder_statistics is None
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ __all__ = [
     "binarise",
     "check_dataset",
     "errors",
+    "foreground_threshold",
     "intermediate_fraction",
     "is_outside",
     "load_pair",
@@ -140,19 +141,23 @@ def _scale(values: np.ndarray) -> float:
     return next((full for full in (255.0, 65535.0) if peak <= full), peak)
 
 
+def foreground_threshold(values: np.ndarray) -> float:
+    """Half the mask's full value (0.5, 127.5 for 8-bit, 32767.5 for 16-bit): near-black noise stays background.
+
+    The one rule for preparing data sets and for reading masks in training, so that both see the same foreground.
+    """
+    return _scale(values) / 2.0
+
+
 def binarise(values: np.ndarray, threshold: float | None = None) -> np.ndarray:
     """
     Foreground of a mask: ``values > threshold``.
 
     Args:
         values: mask values, e.g. from :func:`mask_values`.
-        threshold: ``None`` picks it from the values: 0 for 0/1 masks, else half the full value (127.5 for 8-bit),
-            so that near-black noise stays background.
+        threshold: ``None`` picks :func:`foreground_threshold` of the values.
     """
-    if threshold is None:
-        scale = _scale(values)
-        threshold = 0.0 if scale == 1.0 else scale / 2.0
-    return values > threshold
+    return values > (foreground_threshold(values) if threshold is None else threshold)
 
 
 def intermediate_fraction(values: np.ndarray) -> float:

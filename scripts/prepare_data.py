@@ -242,7 +242,7 @@ def find_folder(src_dir: str, images: str, masks: str, mask_suffix: str = "") ->
     """
     Any image/mask pairs: ``images`` and ``masks`` are glob patterns relative to ``src_dir`` (``**`` allowed), and
     a mask belongs to the image whose stem plus ``mask_suffix`` is its stem. Files matched by both patterns are
-    taken as masks. Masks are binarised automatically (> 0 for 0/1 masks, else > half the full value).
+    taken as masks. Masks are binarised automatically (> half the full value: 0.5 for 0/1 masks, 127.5 for 8-bit).
     """
     if not os.path.isdir(src_dir):
         raise FileNotFoundError(f"the source folder {src_dir} does not exist.")

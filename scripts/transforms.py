@@ -15,7 +15,7 @@ from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirst, MapTransform, SaveImage, Transform
 from monai.utils import MetaKeys
 
-from scripts.integrity import INTERMEDIATE_LIMIT, intermediate_fraction
+from scripts.integrity import INTERMEDIATE_LIMIT, foreground_threshold, intermediate_fraction
 
 __all__ = [
     "CheckFinite",
@@ -201,8 +201,7 @@ class MaskToLabel(Transform):
                 f"{_source(mask)}: not a binary mask: {fraction:.1%} of its pixels are strictly between 10% and 90% "
                 f"of its range (limit {INTERMEDIATE_LIMIT:.0%})."
             )
-        threshold = 127.5 if foreground.numel() and foreground.max() > 1 else 0.5
-        label = (foreground > threshold).to(torch.float32)
+        label = (foreground > foreground_threshold(values)).to(torch.float32)
         if not bool(label.any()):
             logger.info(f"{_source(mask)}: the mask has no foreground.")
         return label

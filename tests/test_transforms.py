@@ -11,6 +11,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
+from scripts.integrity import binarise, mask_values
 from scripts.transforms import (
     CheckFinite,
     EnsureChannelFirst2D,
@@ -123,6 +124,16 @@ def test_mask_to_label_threshold_between_jpeg_noise():
     label = MaskToLabel(1)(mask)
     assert label[0, :10].all() and not label[0, 11:].any()
     assert label[0, 10, :3].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_mask_to_label_and_data_preparation_draw_the_same_foreground():
+    """A 16-bit mask with near-black noise: the noise is background in training as in the prepared data set."""
+    mask = np.zeros((20, 20), dtype=np.uint16)
+    mask[:4] = 65535
+    mask[6, :3] = [200, 1000, 30000]  # noise, and one edge value (0.25% of the pixels, within the limit)
+    label = MaskToLabel(1)(torch.as_tensor(mask.astype(np.float32))[None])
+    np.testing.assert_array_equal(label[0].numpy().astype(bool), binarise(mask_values(Image.fromarray(mask))))
+    assert label[0, :4].all() and not label[0, 4:].any()
 
 
 def test_mask_to_label_rejects_non_binary_masks_and_ignores_alpha(caplog):

@@ -358,10 +358,18 @@ def test_command_line_and_bundle_config(busi_download: Path, tmp_path: Path):
     assert _load(str(tmp_path / "config" / "datalist.json"))["class_counts"]["normal"] == 1
 
 
+def _training_files(name: str) -> list:
+    return [
+        str(CONFIGS / "train.json"),
+        str(CONFIGS / "ukan_protocol.json"),
+        str(CONFIGS / "datasets" / f"{name}.json"),
+    ]
+
+
 @pytest.mark.parametrize("name", sorted(DATASET_CONFIGS))
 def test_dataset_configs_layer_on_train(name: str):
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "datasets" / f"{name}.json")])
+    parser.read_config(_training_files(name))
     size = DATASET_CONFIGS[name]
     assert parser.get_parsed_content("image_size") == [size, size]
     assert parser["optimizer"]["_target_"] == "torch.optim.Adam"
@@ -376,10 +384,21 @@ def test_dataset_configs_layer_on_train(name: str):
     assert parser.get_parsed_content("dataset_dir").endswith(f"/data/{name}")
 
 
+@pytest.mark.parametrize("name", sorted(DATASET_CONFIGS))
+def test_dataset_configs_give_inference_and_export_the_training_image_size(name: str):
+    """The data set files layer on inference.json, so inference and ckpt_export resize as training did."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "datasets" / f"{name}.json")])
+    parser.update({"bundle_root": str(REPO)})
+    size = DATASET_CONFIGS[name]
+    resize = next(t for t in parser.get_parsed_content("preprocessing").transforms if type(t).__name__ == "Resized")
+    assert tuple(resize.resizer.spatial_size) == (size, size)
+
+
 def test_busi_config_trains_on_prepared_data(busi_download: Path, tmp_path: Path):
     prepare("busi", str(busi_download), str(tmp_path / "busi"))
     workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "datasets" / "busi.json")],
+        config_file=_training_files("busi"),
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=False,
         workflow_type="train",

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from scripts.integrity import INFO, IntegrityError, Issue, check_dataset, errors, load_pair
+from scripts.switches import require_bools
 
 __all__ = [
     "DEFAULT_SEED",
@@ -415,14 +416,25 @@ def prepare(
         raise ValueError("both src_dir (the download) and dataset_dir (the output folder) are required.")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}.")
+    require_bools({"skip_bad": skip_bad, "overwrite": overwrite})
     src_dir = os.path.abspath(os.path.expanduser(src_dir))
     dataset_dir = os.path.abspath(os.path.expanduser(dataset_dir))
+    if not os.path.isdir(src_dir):
+        raise FileNotFoundError(f"the source folder {src_dir} does not exist.")
     if os.path.exists(dataset_dir) and (not os.path.isdir(dataset_dir) or os.listdir(dataset_dir)):
         if not overwrite:
-            raise FileExistsError(f"{dataset_dir} exists and is not empty; pass overwrite=True to replace it.")
+            raise FileExistsError(
+                f"{dataset_dir} exists and is not empty; pass --overwrite True (overwrite: true in "
+                "configs/prepare.json) to replace it."
+            )
         if os.path.commonpath([src_dir, dataset_dir]) == dataset_dir:
             raise ValueError(f"refusing to overwrite {dataset_dir}: it holds the source {src_dir}.")
     found = SOURCES[source](src_dir, **options)
+    if not found.pairs and not found.issues:
+        raise ValueError(
+            f"found no image/mask pairs in {src_dir} in the '{source}' layout; is it the right source? "
+            f"(the layouts are described in docs/data.md)"
+        )
     if found.official_test is not None and test_fraction > 0.0:
         raise ValueError("test_fraction does not apply to GlaS's official split, which has its own test set.")
 

@@ -227,7 +227,14 @@ def test_patch_expanding_places_channels_in_patches():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"dims": (8, 12, 32, 64)}, {"depths": (1, 1, 1)}, {"wavelet_fusion": "sideways"}, {"dims": (6, 12, 24, 48)}],
+    [
+        {"dims": (8, 12, 32, 64)},
+        {"depths": (1, 1, 1)},
+        {"wavelet_fusion": "sideways"},
+        {"dims": (6, 12, 24, 48)},
+        {"use_wcaa": "false"},
+        {"kan_side_heads": 0},
+    ],
 )
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):

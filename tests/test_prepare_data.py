@@ -299,11 +299,25 @@ def test_skip_bad(broken_download: Path, tmp_path: Path):
     assert check_dataset(str(output)) == []
 
 
+def test_wrong_source_folder_errors_say_what_is_wrong(busi_download: Path, tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
+        prepare("busi", str(tmp_path / "missing"), str(tmp_path / "out"))
+    kvasir_like = tmp_path / "kvasir"
+    for folder in ("images", "masks"):
+        (kvasir_like / folder).mkdir(parents=True)
+        Image.fromarray(_blob(16, 16)).save(kvasir_like / folder / "a.jpg")
+    with pytest.raises(ValueError, match=r"found no image/mask pairs in .*kvasir in the 'cvc' layout"):
+        prepare("cvc", str(kvasir_like), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="overwrite='false'"):
+        prepare("busi", str(busi_download), str(tmp_path / "out"), overwrite="false")
+    assert not (tmp_path / "out").exists()
+
+
 def test_overwrite_and_atomic_write(busi_download: Path, tmp_path: Path):
     output = tmp_path / "out"
     output.mkdir()
     (output / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="not empty; pass --overwrite True"):
         prepare("busi", str(busi_download), str(output))
     assert sorted(p.name for p in output.iterdir()) == ["keep.txt"]
     prepare("busi", str(busi_download), str(output), overwrite=True)

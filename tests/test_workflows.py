@@ -254,6 +254,26 @@ def test_inference_masks_line_up_with_asymmetric_pictures(tmp_path):
     assert mask[7, 12] == 255 and mask[25, 40] == 0
 
 
+@pytest.mark.parametrize(
+    "files,workflow_type,switch",
+    [(["train.json"], "train", "loss_encoder_statistics"), (["inference.json"], "infer", "save_overlay")],
+)
+def test_a_lowercase_false_from_the_command_line_is_refused(tmp_path, files, workflow_type, switch):
+    """``--save_overlay false`` arrives as the string 'false', which a config would take as true."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(inputs / "picture.png")
+    overrides = {"dataset_dir": str(inputs), "output_dir": str(tmp_path / "out"), "ckpt_dir": str(tmp_path / "m")}
+    with pytest.raises(Exception) as error:
+        run_config_workflow(files, workflow_type, **overrides, **{switch: "false", "use_wcaa": "False"})
+    messages, cause = [], error.value
+    while cause is not None:
+        messages.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    assert any(f"{switch}='false'" in m and "use_wcaa='False'" in m for m in messages), messages
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m").exists()
+
+
 def test_inference_input_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -11,6 +11,7 @@ import torch.nn.functional as F  # noqa: N812
 from scripts.networks.blocks import PatchExpanding, PatchMerging, WCVMBlock
 from scripts.networks.kan import KANConv2d
 from scripts.networks.wcaa import WCAA
+from scripts.switches import require_bools
 
 __all__ = ["VMAMLUNet"]
 
@@ -73,6 +74,7 @@ class VMAMLUNet(nn.Module):
         scan_backend: str = "auto",
     ) -> None:
         super().__init__()
+        require_bools({"use_wcaa": use_wcaa, "kan_side_heads": kan_side_heads})
         dims, depths, depths_decoder = list(dims), list(depths), list(depths_decoder)
         wavelet_levels = list(wavelet_levels)
         num_stages = len(dims)

@@ -5,7 +5,7 @@ scan against a sequential reference, side by side in one process and one run.
 Command line (``python -m scripts.benchmark [options]``)::
 
     python -m scripts.benchmark                                   # CPU: docs/benchmark.md, docs/benchmark_latency.png
-    python -m scripts.benchmark --quick --output_dir /tmp/bench   # tiny sizes in seconds: checks that it all runs
+    python -m scripts.benchmark --quick                           # tiny sizes, about 2 minutes: runs/benchmark_quick/
     python -m scripts.benchmark --device cuda                     # GPU: docs/benchmark_gpu.md, with AMP training
     python -m scripts.benchmark --repeats 9 --threads 2
     python -m scripts.benchmark --autocast bfloat16               # networks in bf16 autocast: docs/benchmark_bf16.md
@@ -1212,6 +1212,11 @@ def _command(
     return shlex.join(words)
 
 
+def default_output_dir(quick: bool) -> Path:
+    """docs/ for a full run; a git-ignored folder for a quick one, whose numbers mean nothing."""
+    return REPO / "runs" / "benchmark_quick" if quick else REPO / "docs"
+
+
 def main(
     quick: bool = False,
     output_dir: str | None = None,
@@ -1226,7 +1231,8 @@ def main(
 
     Args:
         quick: tiny sizes and one run per measurement (seconds), to check that everything runs.
-        output_dir: where to write; the repository's docs/ by default.
+        output_dir: where to write; by default the repository's docs/, and runs/benchmark_quick/ for ``quick`` (a
+            smoke run must not replace the published results).
         device: ``"cpu"`` or ``"cuda"`` (adds mixed-precision training throughput on the GPU).
         repeats: timed runs per measurement after the warm-up (5 by default, 1 with ``quick``).
         threads: torch CPU threads (torch's default otherwise).
@@ -1255,7 +1261,7 @@ def main(
     if threads is not None:
         torch.set_num_threads(threads)
     torch_device = torch.device(device)
-    out = Path(output_dir) if output_dir is not None else REPO / "docs"
+    out = Path(output_dir) if output_dir is not None else default_output_dir(quick)
     out.mkdir(parents=True, exist_ok=True)
 
     networks = [benchmark_network(name, settings, torch_device) for name in NETWORKS]
@@ -1295,6 +1301,9 @@ def main(
     markdown_path.write_text(render_markdown(report))
     plot_latency(report, plot_path)
     targets = [f"{'n/a' if p is None else 'PASS' if p else 'FAIL'}: {s}" for p, s in evaluate_targets(report)]
+    if quick:
+        targets.insert(0, "quick run: tiny sizes and single runs check that the benchmark runs; the targets below are")
+        targets.insert(1, "for the full run and mean nothing here.")
     return "\n".join(targets + [f"wrote {markdown_path} and {plot_path}"])
 
 

@@ -68,6 +68,14 @@ def test_quick_run_states_machine_command_and_targets(quick_run: tuple[Path, str
     assert summary.count("PASS") + summary.count("FAIL") == 5 and str(output_dir) in summary
 
 
+def test_a_quick_run_does_not_replace_the_published_results(quick_run: tuple[Path, str, str]) -> None:
+    _, _, summary = quick_run
+    assert summary.startswith("quick run:") and "mean nothing here" in summary
+    assert benchmark.default_output_dir(quick=False) == REPO / "docs"
+    assert benchmark.default_output_dir(quick=True) == REPO / "runs" / "benchmark_quick"
+    assert "runs/" in (REPO / ".gitignore").read_text().splitlines(), "the quick run's folder must be git-ignored"
+
+
 def test_quick_run_has_a_row_per_network_in_each_table(quick_run: tuple[Path, str, str]) -> None:
     _, markdown, _ = quick_run
     expected_headers = {

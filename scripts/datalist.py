@@ -59,18 +59,24 @@ def load_datalist(
     return load_decathlon_datalist(datalist_file, True, data_list_key, base_dir)
 
 
-def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[dict[str, str]]:
+def list_images(
+    folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS, output_dir: str | None = None
+) -> list[dict[str, str]]:
     """
     The images directly inside ``folder``, sorted by name, as a datalist ``[{"image": path}, ...]``.
 
     Args:
         folder: the folder to list (not recursive).
         extensions: accepted file name endings, compared case-insensitively.
+        output_dir: where the masks (``<stem>_mask.png``, NIfTI for NIfTI inputs) and overlays
+            (``<stem>_overlay.png``) will be written; checked when it is ``folder`` itself.
 
     Raises:
         FileNotFoundError: when ``folder`` is not a folder.
-        ValueError: when ``folder`` holds no image with one of ``extensions``, or when two images would write the
-            same mask file (``a.png`` and ``a.jpg`` both give ``a_mask.png``), so that no mask overwrites another.
+        ValueError: when ``folder`` holds no image with one of ``extensions``, when two images would write the
+            same mask file (``a.png`` and ``a.jpg`` both give ``a_mask.png``), so that no mask overwrites another,
+            or when ``output_dir`` is ``folder`` and an output would replace a file there (a ground-truth mask
+            ``a_mask.png`` beside ``a.png``).
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"the input folder {folder} does not exist or is not a folder.")
@@ -80,7 +86,30 @@ def list_images(folder: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> li
     if not images:
         raise ValueError(f"the input folder {folder} holds no image with an extension among {list(endings)}.")
     _check_unique_outputs(images)
+    if output_dir is not None and os.path.realpath(output_dir) == os.path.realpath(folder):
+        _check_outputs_keep_the_folder(folder, images)
     return [{"image": path} for path in images]
+
+
+def _stem_and_mask_ext(name: str) -> tuple[str, str]:
+    """An image's name without its extension, and the extension of its mask: the input's for NIfTI, else .png."""
+    nifti_ext = next((e for e in NIFTI_EXTENSIONS[::-1] if name.lower().endswith(e)), None)
+    return (name[: -len(nifti_ext)], nifti_ext) if nifti_ext else (os.path.splitext(name)[0], ".png")
+
+
+def _check_outputs_keep_the_folder(folder: str, images: Sequence[str]) -> None:
+    """Raise when writing the outputs of ``images`` into their own ``folder`` would replace files there."""
+    existing = set(os.listdir(folder))
+    replaced = []
+    for path in images:
+        stem, mask_ext = _stem_and_mask_ext(os.path.basename(path))
+        replaced += [name for name in (f"{stem}_mask{mask_ext}", f"{stem}_overlay.png") if name in existing]
+    if replaced:
+        shown = ", ".join(replaced[:5]) + (f" and {len(replaced) - 5} more" if len(replaced) > 5 else "")
+        raise ValueError(
+            f"writing the masks into the input folder {folder} would replace files there: {shown}. Give another "
+            "--output_dir."
+        )
 
 
 def _check_unique_outputs(images: Sequence[str]) -> None:
@@ -88,9 +117,7 @@ def _check_unique_outputs(images: Sequence[str]) -> None:
     by_output = defaultdict(list)
     for path in images:
         name = os.path.basename(path)
-        nifti_ext = next((e for e in NIFTI_EXTENSIONS[::-1] if name.lower().endswith(e)), None)
-        stem = name[: -len(nifti_ext)] if nifti_ext else os.path.splitext(name)[0]
-        by_output[(stem, nifti_ext or ".png")].append(name)
+        by_output[_stem_and_mask_ext(name)].append(name)
     clashes = [names for names in by_output.values() if len(names) > 1]
     if clashes:
         listed = "; ".join(" and ".join(names) for names in clashes)

@@ -301,6 +301,15 @@ def test_inference_input_errors(tmp_path):
         "c.nii.gz",
     ]
 
+    # A BUSI class folder: segmenting it into itself would replace the ground-truth masks.
+    busi = tmp_path / "busi"
+    busi.mkdir()
+    for name in ("benign (1).png", "benign (1)_mask.png", "benign (2).png"):
+        (busi / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"would replace files there: benign \(1\)_mask\.png\. Give another"):
+        list_images(str(busi), output_dir=str(busi) + "/")
+    assert len(list_images(str(busi), output_dir=str(tmp_path / "predictions"))) == 3
+
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "scan.png").write_text("this is not a PNG")

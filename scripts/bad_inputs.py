@@ -159,10 +159,19 @@ class CheckedDataset(Dataset):
             raise InputError(str(failure)) from error
 
 
+@dataclass(frozen=True)
+class _CachingFailure:
+    """An item that failed while the cache was filled, kept until every caching thread has finished."""
+
+    failure: FailedInput
+    error: Exception
+
+
 class CheckedCacheDataset(CacheDataset):
     """
     MONAI's ``CacheDataset`` whose failing items name their files, while caching and afterwards, as
-    :class:`CheckedDataset` does; for training and evaluation, which stop at the first bad item.
+    :class:`CheckedDataset` does; for training and evaluation, which stop at bad items: filling the cache raises one
+    :class:`InputError` listing every item that failed, after all of them were tried.
 
     Args:
         data: the datalist.
@@ -182,8 +191,19 @@ class CheckedCacheDataset(CacheDataset):
         try:
             check_files(item, self.keys)
             return super()._load_cache_item(idx)
-        except Exception as error:  # named, then raised: a training set with a bad file must be fixed
-            raise InputError(str(describe_failure(item, error, self.keys))) from error
+        except Exception as error:  # named, and raised by _fill_cache: a training set with a bad file must be fixed
+            return _CachingFailure(describe_failure(item, error, self.keys), error)
+
+    def _fill_cache(self, indices: Sequence[int] | None = None) -> list:
+        # The items' errors are returned by the caching threads and raised here, once all of them have finished: an
+        # exception leaving a thread of CacheDataset's pool closed the pool while other threads were still inside
+        # torch, and the interpreter then often aborted at exit ("terminate called without an active exception").
+        cache = super()._fill_cache(indices)
+        failures = [entry for entry in cache if isinstance(entry, _CachingFailure)]
+        if failures:
+            listed = "; ".join(str(failure.failure) for failure in failures)
+            raise InputError(listed) from failures[0].error
+        return cache
 
     def _transform(self, index: int) -> Any:
         try:

@@ -100,11 +100,16 @@ def _inference_settings(tmp_path: Path, inputs: Path, **extra) -> dict:
 
 def _reasons(error: BaseException) -> str:
     """The messages of an exception and its causes."""
-    messages = []
+    return "\n".join(str(e) for e in _causes(error))
+
+
+def _causes(error: BaseException | None) -> list:
+    """An exception and its causes, outermost first."""
+    chain = []
     while error is not None:
-        messages.append(str(error))
+        chain.append(error)
         error = error.__cause__
-    return "\n".join(messages)
+    return chain
 
 
 def _mask_name(image: str) -> str:
@@ -337,6 +342,20 @@ def test_training_and_evaluation_loading_names_the_file(
         parser.get_parsed_content(dataset_id)[0]
     message = _reasons(raised.value)
     assert any(f"{tmp_path / culprit}" in line and reason in line for line in message.splitlines()), message
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_caching_tries_every_item_and_lists_every_bad_one(tmp_path, num_workers):
+    """The cache fill raises once its threads have finished: none is left inside torch when the process exits."""
+    _pair_corpus(tmp_path)
+    _dataset(tmp_path, {"cut.png": "good.png", "good.png": "small.png", "zero bytes.png": "good.png"})
+    parser = _loading_parser(["train.json"], tmp_path)
+    parser["num_workers"] = num_workers
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("train#dataset")
+    failure = next(e for e in _causes(raised.value) if type(e).__name__ == "InputError")
+    for culprit in ("images/cut.png", "masks/small.png", "images/zero bytes.png"):
+        assert str(tmp_path / culprit) in str(failure), str(failure)
 
 
 def test_training_logs_masks_without_foreground(tmp_path, caplog):

@@ -5,6 +5,7 @@ folder; the split to evaluate.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from typing import Sequence
@@ -14,6 +15,8 @@ from monai.data import load_decathlon_datalist
 
 from scripts.integrity import is_outside
 from scripts.transforms import NIFTI_EXTENSIONS
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_EXTENSIONS", "PATH_KEYS", "evaluation_split", "list_images", "load_datalist"]
 
@@ -137,5 +140,6 @@ def evaluation_split(datalist_file: str, preferred: Sequence[str] = ("test", "va
     datalist = ConfigParser.load_config_file(datalist_file)
     for key in preferred:
         if datalist.get(key):
+            logger.info("Evaluating the '%s' split of %s (%d items).", key, datalist_file, len(datalist[key]))
             return key
     raise ValueError(f"the datalist {datalist_file} has no non-empty list among {list(preferred)}.")

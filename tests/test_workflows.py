@@ -184,10 +184,12 @@ def test_evaluation(trained):
     assert len(rows) == 1 + TINY["synthetic_num_images"][2] and "test_000.png" in rows[1]
 
 
-def test_evaluation_split_falls_back_to_validation(tmp_path):
+def test_evaluation_split_falls_back_to_validation(tmp_path, caplog):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": [{"image": "a"}], "validation": [{"image": "b"}], "test": []}))
-    assert evaluation_split(str(datalist)) == "validation"
+    with caplog.at_level("INFO", logger="scripts.datalist"):
+        assert evaluation_split(str(datalist)) == "validation"
+    assert f"Evaluating the 'validation' split of {datalist} (1 items)." in caplog.text
     datalist.write_text(json.dumps({"training": [{"image": "a"}]}))
     with pytest.raises(ValueError, match="datalist.json"):
         evaluation_split(str(datalist))

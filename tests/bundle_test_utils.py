@@ -2,12 +2,20 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
+
+from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+# For tests of the fused CPU kernel. test_selective_scan_cpu.py checks that it builds wherever a compiler is present,
+# so these skips cannot hide a broken kernel on such a machine.
+requires_cpu_kernel = pytest.mark.skipif(
+    load_cpu_scan_kernel()[0] is None, reason="the CPU kernel cannot be built here (no compiler)"
+)
 # config keys that shrink VMAML-UNet to a few thousand parameters, so workflows run in seconds
 TINY_NETWORK = {
     "network_dims": [8, 16, 32, 64],

@@ -7,20 +7,15 @@ import sys
 
 import pytest
 import torch
-from bundle_test_utils import REPO
+from bundle_test_utils import REPO, requires_cpu_kernel
 
 import scripts.networks.ss2d as ss2d_module
 from scripts import backend_agreement
 from scripts.backend_agreement import GRADIENT_TOLERANCE, OUTPUT_TOLERANCE, compare_scan_backends, relative_error
 from scripts.networks.selective_scan import mamba_ssm_unavailable_reason, selective_scan
-from scripts.networks.selective_scan_cpu import load_cpu_scan_kernel
 from scripts.networks.vmaml_unet import VMAMLUNet
 
 TINY = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1), d_state=4)
-
-requires_cpu_kernel = pytest.mark.skipif(
-    load_cpu_scan_kernel()[0] is None, reason="the CPU kernel cannot be built here (no compiler)"
-)
 
 
 def tiny_network_and_images(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:

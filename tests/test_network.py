@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from bundle_test_utils import randomise_parameters
+from bundle_test_utils import randomise_parameters, requires_cpu_kernel
 
 import scripts.networks.selective_scan as selective_scan_module
 from scripts.networks.blocks import PatchExpanding, PatchMerging
@@ -330,16 +330,14 @@ def fused_scan_inputs(module: SS2D, x: torch.Tensor):
     return u, projected
 
 
+@requires_cpu_kernel
 def test_network_inference_with_the_cpu_kernel_matches_the_pytorch_scan():
     net = VMAMLUNet(in_channels=1, out_channels=2, **TINY).eval()
     x = torch.randn(2, 1, 40, 72)
     with torch.no_grad():
-        y_auto = net(x)
-        for module in net.modules():
-            if isinstance(module, SS2D):
-                module.scan_backend = "torch"
-        y_torch = net(x)
-    torch.testing.assert_close(y_auto, y_torch, rtol=1e-4, atol=1e-4 * y_torch.abs().max().item())
+        y_kernel = with_scan_backend(net, "cpu_kernel")(x)
+        y_torch = with_scan_backend(net, "torch")(x)
+    torch.testing.assert_close(y_kernel, y_torch, rtol=1e-4, atol=1e-4 * y_torch.abs().max().item())
 
 
 def test_cross_scan_orders_and_cross_merge_inverts_them():

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import pytest
 import torch
+from bundle_test_utils import requires_cpu_kernel
 from torch import Tensor
 
 import scripts.networks.selective_scan as selective_scan_module
@@ -16,13 +17,6 @@ from scripts.networks.selective_scan import selective_scan
 from scripts.networks.selective_scan_reference import selective_scan_reference
 
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
-
-
-# The fused CPU kernel (backend "cpu_kernel", and "auto" on the CPU). test_selective_scan_cpu.py checks that it builds
-# wherever a compiler is present, so these skips cannot hide a broken kernel on such a machine.
-requires_cpu_kernel = pytest.mark.skipif(
-    selective_scan_module.load_cpu_scan_kernel()[0] is None, reason="the CPU kernel cannot be built here (no compiler)"
-)
 
 
 def reference_scan(
@@ -490,7 +484,8 @@ def test_torchscript(with_optional: bool, tmp_path: Path) -> None:
 def test_mamba_ssm_agrees_with_torch_backend_on_gpu() -> None:
     if selective_scan_module._load_mamba_selective_scan()[0] is None:
         pytest.skip("mamba_ssm does not import")
-    inputs = [t.cuda() if t is not None else None for t in make_inputs(d_state=16, groups=4, length=300)]
+    cuda = torch.device("cuda")
+    inputs = [t.to(cuda) if t is not None else None for t in make_inputs(d_state=16, groups=4, length=300)]
     inputs = [t.detach().float().requires_grad_() if t is not None else None for t in inputs]
     y_kernel = selective_scan(*inputs, backend="mamba_ssm")
     y_torch = selective_scan(*inputs, backend="torch")

@@ -644,11 +644,11 @@ def selective_scan(
         delta_softplus: apply softplus to ``delta + delta_bias``.
         backend: ``"auto"`` uses mamba-ssm's CUDA kernel for CUDA tensors when ``mamba_ssm`` imports, the fused
             CPU kernel (:mod:`scripts.networks.selective_scan_cpu`, forward and backward) for CPU tensors when it can
-            be built, and the PyTorch backend otherwise; ``"torch"`` always uses the
-            PyTorch backend; ``"cpu_kernel"`` and ``"mamba_ssm"`` require their kernel and raise if it cannot be
-            used. float64 inputs always take the PyTorch backend on the CPU. Under TorchScript only the PyTorch
-            backend exists and it is forward-only (for inference and export): ``"mamba_ssm"`` raises there and
-            ``"cpu_kernel"`` runs the PyTorch backend.
+            be built, and the PyTorch backend otherwise; ``"torch"`` always uses the PyTorch backend;
+            ``"cpu_kernel"`` and ``"mamba_ssm"`` require their kernel and raise if it cannot be used. Under
+            ``"auto"`` float64 inputs take the PyTorch backend (``"cpu_kernel"`` and ``"mamba_ssm"`` refuse them).
+            Under TorchScript only the PyTorch backend exists and it is forward-only (for inference and export):
+            ``"mamba_ssm"`` raises there and ``"cpu_kernel"`` runs the PyTorch backend.
 
     Inputs may have any strides. Time-major inputs (``L`` outermost in memory, e.g. ``x.permute(1, 2, 0)`` of a
     contiguous ``(L, batch, dim)`` tensor, as :class:`SS2D` makes them) are read in place; others are copied chunk by

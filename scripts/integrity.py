@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "DATALIST_NAME",
     "INTERMEDIATE_LIMIT",
     "Issue",
     "IntegrityError",
@@ -31,6 +32,9 @@ __all__ = [
     "read_picture",
     "to_rgb",
 ]
+
+# the datalist of a prepared or generated data set, at the root of its folder
+DATALIST_NAME = "datalist.json"
 
 ERROR, INFO = "error", "info"
 # a binary mask may have a few intermediate values (JPEG artefacts, anti-aliased edges); more than this fraction
@@ -242,7 +246,7 @@ def check_dataset(dataset_dir: str) -> list[Issue]:
     Raises:
         FileNotFoundError: when ``dataset_dir`` has no ``datalist.json``.
     """
-    datalist_file = os.path.join(dataset_dir, "datalist.json")
+    datalist_file = os.path.join(dataset_dir, DATALIST_NAME)
     if not os.path.isfile(datalist_file):
         raise FileNotFoundError(f"{datalist_file} does not exist: {dataset_dir} is no prepared data set.")
     with open(datalist_file) as f:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from scripts.integrity import INFO, IntegrityError, Issue, check_dataset, errors, load_pair
+from scripts.integrity import DATALIST_NAME, INFO, IntegrityError, Issue, check_dataset, errors, load_pair
 from scripts.switches import require_bools
 
 __all__ = [
@@ -64,7 +64,6 @@ __all__ = [
 UKAN_SEEDS = (2981, 6142, 1187)
 DEFAULT_SEED = UKAN_SEEDS[0]
 VALIDATION_FRACTION = 0.2
-DATALIST_NAME = "datalist.json"
 BUSI_CLASSES = ("benign", "malignant", "normal")
 # joins an item's mask files in the datalist; no file name of the supported sources contains it
 MASK_SEPARATOR = "|"

@@ -20,9 +20,10 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["DEFAULT_SIZES", "DATALIST_NAME", "SPLITS", "ensure_synthetic_dataset", "make_example"]
+from scripts.integrity import DATALIST_NAME
 
-DATALIST_NAME = "datalist.json"
+__all__ = ["DEFAULT_SIZES", "SPLITS", "ensure_synthetic_dataset", "make_example"]
+
 SPLITS = ("training", "validation", "test")
 # (height, width) of the pictures, cycled over the images
 DEFAULT_SIZES = ((96, 128), (128, 128), (112, 144), (128, 96))

@@ -9,7 +9,8 @@ import pytest
 from monai.data import load_decathlon_datalist
 from PIL import Image
 
-from scripts.synthetic_data import DATALIST_NAME, ensure_synthetic_dataset, make_example
+from scripts.integrity import DATALIST_NAME
+from scripts.synthetic_data import ensure_synthetic_dataset, make_example
 
 SMALL = {"num_images": (3, 2, 2), "sizes": ((40, 56), (48, 48))}
 

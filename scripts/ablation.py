@@ -51,6 +51,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "no_wavelet": ("without wavelet convolutions in SS2D (VM-UNet's depthwise conv)", {"wavelet_fusion": "none"}),
     "wavelet_parallel": ("wavelet convolution added beside the depthwise conv [ours]", {"wavelet_fusion": "parallel"}),
     "wavelet_kernel_5": ("wavelet convolutions with 5x5 kernels [ours]", {"wavelet_kernel_size": 5}),
+    "wavelet_one_level": ("one wavelet level per stage instead of 3, 3, 2, 1 [ours]", {"wavelet_levels": [1, 1, 1, 1]}),
     "no_wcaa": ("without WCAA: skips added as in VM-UNet", {"use_wcaa": False}),
     "no_side_heads": ("without KAN side heads and their loss", {"kan_side_heads": False, "loss_mode": "none"}),
     "loss_fixed": ("side losses with fixed weights 0.5, 0.25, 0.125 instead of the KAN", {"loss_mode": "fixed"}),

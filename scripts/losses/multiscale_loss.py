@@ -92,11 +92,8 @@ class KANMultiScaleLoss(nn.Module):
         """The side levels' weights ``w_k`` of the last call (finest first), detached; ``None`` in mode ``none``."""
         return self._level_weights
 
-    def _pooled_encoder_statistics(
-        self, statistics_of_last_forward: Callable[[], torch.Tensor | None], batch_size: int
-    ) -> torch.Tensor:
+    def _pooled_encoder_statistics(self, statistics: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """The encoder statistics of the batch, averaged over its images: ``(num_side_outputs, F)``."""
-        statistics = statistics_of_last_forward()
         expected = (batch_size, self.num_side_outputs, self.encoder_statistics_features)
         if statistics is None:
             raise ValueError(
@@ -134,7 +131,7 @@ class KANMultiScaleLoss(nn.Module):
             )
             if self.encoder_statistics is not None:
                 features = torch.cat(
-                    [features, self._pooled_encoder_statistics(self.encoder_statistics, pred.shape[0]).to(features)],
+                    [features, self._pooled_encoder_statistics(self.encoder_statistics(), pred.shape[0]).to(features)],
                     dim=-1,
                 )
             log_variance = self.weighting(features).squeeze(-1)

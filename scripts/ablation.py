@@ -121,7 +121,8 @@ def run_variant(
     }
     variant_file = folder / "variant.json"
     variant_file.write_text(json.dumps(settings, indent=4))
-    files = [str(REPO / f) if not Path(f).is_absolute() else str(f) for f in config_files] + [str(variant_file)]
+    # an absolute path replaces REPO in the join
+    files = [str(REPO / f) for f in config_files] + [str(variant_file)]
     meta = ["--meta_file", str(REPO / "configs" / "metadata.json")]
     start = time.perf_counter()
     _bundle(["run", "training", *meta, "--config_file", _config_list(files)], folder / "training.log")
@@ -227,14 +228,14 @@ def main(
     clashes = sorted(set(common) & {"seed", "ckpt_dir", "log_dir", "output_dir"})
     if clashes:
         raise ValueError(f"overrides may not set {clashes}: the ablation sets them for each run.")
-    work = Path(work_dir) if Path(work_dir).is_absolute() else REPO / work_dir
+    work = REPO / work_dir
     results = []
     for name in names:
         for seed in seeds:
             logger.info("Training and evaluating %s at seed %d.", name, seed)
             results.append(run_variant(name, int(seed), list(config_files), common, work))
     command = shlex.join(["python", "-m", "scripts.ablation", *sys.argv[1:]])
-    path = Path(output) if Path(output).is_absolute() else REPO / output
+    path = REPO / output
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_markdown(results, list(config_files), common, command))
     return str(path)
